@@ -1,0 +1,126 @@
+"""The two networks of the digits world: the class-conditional teacher and the feature classifier.
+
+Both are shipped inside the package (``stepdistill/assets/digits``) in diffusers / safetensors format
+and are reproduced by ``accelerate launch training_scripts/train_teacher.py``.
+
+Teacher design decisions (see the README):
+
+* **Noise schedule = Stable Diffusion's** ``scaled_linear`` betas 0.00085 -> 0.012, 1000 steps, so
+  timesteps mean on digits what they mean in SD recipes (``abar_999 = 0.0047``, ``abar_399 = 0.43``).
+* **v-prediction**, so x0 is well conditioned at every timestep: an eps-predictor must divide by
+  ``alpha_999 = 0.068`` (15x error amplification) to give x0, which is what a one-step student
+  conditioned at t=999 is made of.
+* ``UNet2DModel`` at 8x8, 1 channel, ``(32, 64, 64)`` channels, 11 class embeddings (10 = null class).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import ConfigMixin, DDIMScheduler, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from .digits import NULL_CLASS, NUM_CLASSES, RESOLUTION
+
+
+def assets_dir() -> Path:
+    """Folder of the shipped digits models (inside the installed package)."""
+    return Path(str(resources.files("stepdistill"))) / "assets" / "digits"
+
+
+def teacher_path() -> Path:
+    """Path of the shipped digits teacher (a pipeline folder with ``unet/`` and ``scheduler/``)."""
+    return assets_dir() / "teacher"
+
+
+def classifier_path() -> Path:
+    """Path of the shipped digits feature classifier."""
+    return assets_dir() / "classifier"
+
+
+def teacher_scheduler() -> DDIMScheduler:
+    """The teacher's scheduler: SD's scaled-linear betas, v-prediction, trailing spacing, clean end."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
+
+
+def teacher_unet(**overrides) -> UNet2DModel:
+    """A fresh (random) digits teacher UNet; ``overrides`` change config entries (tests use tiny ones)."""
+    config = dict(
+        sample_size=RESOLUTION,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=16,
+        num_class_embeds=NUM_CLASSES + 1,
+    )
+    config.update(overrides)
+    return UNet2DModel(**config)
+
+
+class DigitsClassifier(ModelMixin, ConfigMixin):
+    """A small CNN digit classifier whose penultimate activations are the offline FID feature space.
+
+    ``forward`` returns logits; :meth:`features` returns the ``feature_dim``-d penultimate
+    activations. Inputs are ``[B, 1, 8, 8]`` in ``[-1, 1]`` (the digits world's range).
+
+    Args:
+        feature_dim: Width of the penultimate (feature) layer.
+        num_classes: Number of classes.
+
+    Example:
+        >>> clf = DigitsClassifier.from_pretrained(classifier_path())
+        >>> feats = clf.features(images)  # [B, 64]
+    """
+
+    @register_to_config
+    def __init__(self, feature_dim: int = 64, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),  # 2x2
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(128 * 4, feature_dim),
+            nn.GELU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(feature_dim, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations ``[B, feature_dim]``."""
+        return self.body(x.to(self.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, num_classes]``."""
+        return self.head(self.features(x))
+
+
+__all__ = [
+    "NULL_CLASS",
+    "DigitsClassifier",
+    "assets_dir",
+    "classifier_path",
+    "teacher_path",
+    "teacher_scheduler",
+    "teacher_unet",
+]

@@ -1,0 +1,337 @@
+"""One denoiser interface over every teacher kind: ``D(x_t, t, cond) -> (x0, eps)``.
+
+A :class:`Denoiser` owns a network and a :class:`~stepdistill.schedules.NoiseSchedule`; subclasses only
+know how to *call* their network (argument names, added conditioning, learned-variance outputs).
+Everything downstream -- samplers, DMD losses, evaluation -- sees x0 / eps and never the raw output.
+
+Classifier-free guidance lives in :func:`cfg` / :func:`guided_denoise` with the single convention
+``uncond + w * (cond - uncond)`` (``w = 1``: conditional only, ``w = 0``: unconditional).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .conditioning import Conditioning
+from .schedules import NoiseSchedule, TimestepLike, check_prediction_type
+
+
+@dataclass
+class DenoiserOutput:
+    """The output of a :class:`Denoiser`.
+
+    Args:
+        x0: Estimate of the clean sample (float32 or float64).
+        eps: Estimate of the noise.
+        model_output: The raw network output (its own parameterization), or ``None`` after guidance.
+    """
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+    model_output: torch.Tensor | None = None
+
+
+def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance, the one convention of stepdistill: ``uncond + w * (cond - uncond)``.
+
+    ``w = 1`` is the conditional prediction, ``w = 0`` the unconditional one. Code written as
+    ``cond + s * (cond - uncond)`` (FastVideo, CausVid) corresponds to ``w = 1 + s``.
+    """
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class Denoiser(nn.Module):
+    """Base wrapper: calls the network and converts its output to ``(x0, eps)``.
+
+    Use :meth:`from_model` to wrap a diffusers model or a custom module.
+
+    Args:
+        model: The network.
+        schedule: Its noise schedule (which also fixes the prediction type).
+
+    Example:
+        >>> den = Denoiser.from_model(unet, schedule)
+        >>> out = den(x_t, 999, Conditioning(class_labels=labels, null_class_label=10))
+        >>> out.x0.shape == x_t.shape
+        True
+    """
+
+    #: Conditioning fields this kind of network requires / accepts.
+    required_fields: tuple[str, ...] = ()
+    accepted_fields: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule) -> None:
+        super().__init__()
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(
+                f"schedule must be a stepdistill NoiseSchedule, got {type(schedule).__name__}; build one with "
+                "NoiseSchedule.from_scheduler_config(scheduler.config)."
+            )
+        self.model = model
+        self.schedule = schedule
+
+    @property
+    def prediction_type(self) -> str:
+        """The network's prediction type (from the schedule)."""
+        return self.schedule.prediction_type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype of the wrapped network."""
+        return _model_dtype(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the wrapped network."""
+        return _model_device(self.model)
+
+    # ------------------------------------------------------------------------------------------------
+    def required(self) -> tuple[str, ...]:
+        """Conditioning fields this particular network needs (may depend on its config)."""
+        return self.required_fields
+
+    def accepted(self) -> tuple[str, ...]:
+        """Conditioning fields this network can use."""
+        return self.accepted_fields
+
+    def check_conditioning(self, cond: Conditioning | None, batch_size: int) -> Conditioning:
+        """Raise a clear ``ValueError`` when ``cond`` does not fit this network; return it (never None)."""
+        cond = cond if cond is not None else Conditioning()
+        if not isinstance(cond, Conditioning):
+            raise TypeError(f"cond must be a stepdistill Conditioning, got {type(cond).__name__}.")
+        name = type(self.model).__name__
+        missing = [f for f in self.required() if getattr(cond, f) is None]
+        if missing:
+            raise ValueError(
+                f"{name} needs conditioning field(s) {missing}, but the Conditioning has {cond.present() or 'none'}. "
+                f"Pass Conditioning({', '.join(f'{m}=...' for m in missing)})."
+            )
+        extra = [f for f in cond.present() if f not in self.accepted()]
+        if extra:
+            raise ValueError(
+                f"{name} does not take conditioning field(s) {extra} (it accepts {list(self.accepted()) or 'none'}). "
+                "Is this the right model for this conditioning (e.g. class labels for an unconditional UNet)?"
+            )
+        if cond.batch_size is not None and cond.batch_size != batch_size:
+            raise ValueError(f"Conditioning batch size {cond.batch_size} does not match the input batch {batch_size}.")
+        return cond
+
+    def _call_model(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x_t: torch.Tensor, t: TimestepLike, cond: Conditioning | None = None) -> DenoiserOutput:
+        """Denoise ``x_t`` at timestep(s) ``t``.
+
+        Args:
+            x_t: Noisy input ``[B, C, H, W]``.
+            t: One timestep or one per sample, in the schedule's units.
+            cond: The conditioning (``None`` for unconditional networks).
+        """
+        batch = x_t.shape[0]
+        cond = self.check_conditioning(cond, batch)
+        t_vec = self.schedule.as_timesteps(t, batch_size=batch, device=x_t.device)
+        dtype, device = self.dtype, x_t.device
+        timestep = self.schedule.model_timestep(t_vec).to(device)
+        raw = self._call_model(x_t.to(dtype), timestep, cond.to(device=device, dtype=dtype))
+        if raw.shape[1] == 2 * x_t.shape[1] and raw.shape[1] != x_t.shape[1]:
+            raw = raw[:, : x_t.shape[1]]  # learned-variance heads (DiT, IF): keep the mean prediction
+        if raw.shape != x_t.shape:
+            raise ValueError(
+                f"{type(self.model).__name__} returned shape {tuple(raw.shape)} for input {tuple(x_t.shape)}; "
+                "a denoiser must return a prediction of the input's shape."
+            )
+        x0, eps = self.schedule.to_x0_eps(raw, x_t, t_vec)
+        return DenoiserOutput(x0=x0, eps=eps, model_output=raw)
+
+    # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def from_model(
+        model: nn.Module | Callable,
+        schedule: NoiseSchedule,
+        prediction_type: str | None = None,
+    ) -> Denoiser:
+        """Wrap ``model`` in the right :class:`Denoiser` subclass.
+
+        Supported: diffusers ``UNet2DModel``, ``UNet2DConditionModel`` (SD1.5 / 2.1 / SDXL),
+        ``SD3Transformer2DModel``, ``Transformer2DModel`` (DiT) and any other module or callable
+        ``fn(x_t, timestep, cond) -> Tensor`` (:class:`CallableDenoiser`), whose prediction type is the
+        schedule's unless ``prediction_type`` overrides it.
+        """
+        if prediction_type is not None and prediction_type != schedule.prediction_type:
+            check_prediction_type(prediction_type)
+            raise ValueError(
+                f"prediction_type={prediction_type!r} disagrees with the schedule's {schedule.prediction_type!r}; "
+                "build the schedule with NoiseSchedule.from_scheduler_config(config, prediction_type=...)."
+            )
+        kind = type(model).__name__
+        for cls in (UNet2DDenoiser, UNet2DConditionDenoiser, SD3TransformerDenoiser, DiTDenoiser):
+            if kind in cls.model_classes:
+                return cls(model, schedule)
+        return CallableDenoiser(model, schedule)
+
+
+class UNet2DDenoiser(Denoiser):
+    """diffusers ``UNet2DModel``: unconditional or class-conditional (``num_class_embeds``)."""
+
+    model_classes = ("UNet2DModel",)
+
+    def _class_conditional(self) -> bool:
+        return getattr(self.model, "class_embedding", None) is not None
+
+    def required(self) -> tuple[str, ...]:
+        """``class_labels`` when the UNet has a class embedding."""
+        return ("class_labels",) if self._class_conditional() else ()
+
+    def accepted(self) -> tuple[str, ...]:
+        """Same as :meth:`required`."""
+        return self.required()
+
+    def _call_model(self, x, timestep, cond):
+        return self.model(x, timestep, class_labels=cond.class_labels).sample
+
+
+class UNet2DConditionDenoiser(Denoiser):
+    """diffusers ``UNet2DConditionModel``: SD1.5 / SD2.1 (text) and SDXL (text + pooled + time ids)."""
+
+    model_classes = ("UNet2DConditionModel",)
+
+    def _sdxl(self) -> bool:
+        return getattr(self.model.config, "addition_embed_type", None) == "text_time"
+
+    def required(self) -> tuple[str, ...]:
+        """``prompt_embeds``, plus ``pooled_prompt_embeds`` and ``time_ids`` for SDXL-style UNets."""
+        req = ("prompt_embeds",)
+        if self._sdxl():
+            req += ("pooled_prompt_embeds", "time_ids")
+        if getattr(self.model, "class_embedding", None) is not None:
+            req += ("class_labels",)
+        return req
+
+    def accepted(self) -> tuple[str, ...]:
+        """Same as :meth:`required`."""
+        return self.required()
+
+    def _call_model(self, x, timestep, cond):
+        added = None
+        if self._sdxl():
+            added = {"text_embeds": cond.pooled_prompt_embeds, "time_ids": cond.time_ids}
+        return self.model(
+            x,
+            timestep,
+            encoder_hidden_states=cond.prompt_embeds,
+            class_labels=cond.class_labels,
+            added_cond_kwargs=added,
+        ).sample
+
+
+class SD3TransformerDenoiser(Denoiser):
+    """diffusers ``SD3Transformer2DModel`` (MMDiT, rectified flow): text + pooled embeddings."""
+
+    model_classes = ("SD3Transformer2DModel",)
+    required_fields = ("prompt_embeds", "pooled_prompt_embeds")
+    accepted_fields = required_fields
+
+    def _call_model(self, x, timestep, cond):
+        return self.model(
+            hidden_states=x,
+            encoder_hidden_states=cond.prompt_embeds,
+            pooled_projections=cond.pooled_prompt_embeds,
+            timestep=timestep,
+        ).sample
+
+
+class DiTDenoiser(Denoiser):
+    """diffusers ``Transformer2DModel`` / ``DiTTransformer2DModel`` (class-conditional DiT)."""
+
+    model_classes = ("Transformer2DModel", "DiTTransformer2DModel")
+    required_fields = ("class_labels",)
+    accepted_fields = required_fields
+
+    def _call_model(self, x, timestep, cond):
+        return self.model(hidden_states=x, timestep=timestep, class_labels=cond.class_labels).sample
+
+
+class CallableDenoiser(Denoiser):
+    """Any ``torch.nn.Module`` (or callable) ``fn(x_t, timestep, cond) -> Tensor`` with a declared type.
+
+    The callable receives the network timestep (``schedule.model_timestep(t)``) and the full
+    :class:`Conditioning`; it may return a tensor or an object with a ``.sample`` attribute.
+
+    Args:
+        model: The module or callable.
+        schedule: Its schedule; ``schedule.prediction_type`` declares what ``model`` predicts.
+        accepted_fields: Conditioning fields the callable understands (default: any).
+    """
+
+    def __init__(
+        self, model: nn.Module | Callable, schedule: NoiseSchedule, accepted_fields: tuple[str, ...] | None = None
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"A custom denoiser must be callable, got {type(model).__name__}.")
+        if not isinstance(model, nn.Module):
+            model = _CallableModule(model)
+        super().__init__(model, schedule)
+        self._accepted = accepted_fields
+
+    def accepted(self) -> tuple[str, ...]:
+        """The declared fields, or all fields when undeclared."""
+        if self._accepted is None:
+            return ("class_labels", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+        return self._accepted
+
+    def _call_model(self, x, timestep, cond):
+        out = self.model(x, timestep, cond)
+        return out.sample if hasattr(out, "sample") else out
+
+
+class _CallableModule(nn.Module):
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def guided_denoise(
+    denoiser: Denoiser,
+    x_t: torch.Tensor,
+    t: TimestepLike,
+    cond: Conditioning | None,
+    guidance_scale: float | None = None,
+) -> DenoiserOutput:
+    """Denoise with classifier-free guidance ``uncond + w * (cond - uncond)`` in one batched call.
+
+    ``guidance_scale`` of ``None`` or ``1`` runs the conditional model alone. Guidance is applied to
+    x0 and eps (the conversions are affine at fixed ``(x_t, t)``, so the space does not matter).
+    """
+    if guidance_scale is None or guidance_scale == 1.0 or cond is None or cond.is_empty:
+        return denoiser(x_t, t, cond)
+    batch = x_t.shape[0]
+    uncond = cond.unconditional()
+    t_vec = denoiser.schedule.as_timesteps(t, batch_size=batch, device=x_t.device)
+    both = denoiser(torch.cat([x_t, x_t]), torch.cat([t_vec, t_vec]), Conditioning.cat([uncond, _strip(cond)]))
+    x0_u, x0_c = both.x0.chunk(2)
+    eps_u, eps_c = both.eps.chunk(2)
+    return DenoiserOutput(x0=cfg(x0_u, x0_c, guidance_scale), eps=cfg(eps_u, eps_c, guidance_scale))
+
+
+def _strip(cond: Conditioning) -> Conditioning:
+    uncond_fields = Conditioning(**{f: getattr(cond, f) for f in cond.present()}, null_class_label=cond.null_class_label)
+    return uncond_fields

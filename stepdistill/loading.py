@@ -1,0 +1,124 @@
+"""Load teachers and students from local diffusers folders (never from a hub), with clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .denoiser import Denoiser
+from .schedules import NoiseSchedule
+
+#: Sub-folders in which a pipeline folder keeps its denoising network, in lookup order.
+DENOISER_SUBFOLDERS = ("unet", "transformer", "prior")
+
+_MODEL_CLASSES = {
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "SD3Transformer2DModel",
+    "Transformer2DModel",
+    "DiTTransformer2DModel",
+}
+
+
+class ModelFolderError(ValueError):
+    """A path that should hold a diffusers model or pipeline does not."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"{path} is not valid JSON ({err}); the folder looks damaged.") from err
+
+
+def resolve_model_folder(path: str | Path) -> tuple[Path, Path | None]:
+    """Find ``(network folder, scheduler folder or None)`` inside a pipeline or model folder.
+
+    Accepts a pipeline folder (``model_index.json`` with ``unet/`` or ``transformer/``), or a model
+    folder (``config.json``) optionally next to a ``scheduler/`` folder.
+
+    Raises:
+        ModelFolderError: when the path is missing or holds no diffusers model.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ModelFolderError(
+            f"Model folder {str(root)!r} does not exist. stepdistill loads models from local folders only "
+            "(no hub downloads): pass the path of a diffusers pipeline or model folder."
+        )
+    if not root.is_dir():
+        raise ModelFolderError(f"{str(root)!r} is a file; pass the diffusers folder that contains it.")
+    if (root / "model_index.json").is_file():
+        for sub in DENOISER_SUBFOLDERS:
+            if (root / sub / "config.json").is_file():
+                sched = root / "scheduler"
+                return root / sub, sched if (sched / "scheduler_config.json").is_file() else None
+        raise ModelFolderError(
+            f"{str(root)!r} is a pipeline folder but has none of {list(DENOISER_SUBFOLDERS)} with a config.json."
+        )
+    if (root / "config.json").is_file():
+        sched = root.parent / "scheduler"
+        return root, sched if (sched / "scheduler_config.json").is_file() else None
+    raise ModelFolderError(
+        f"{str(root)!r} is not a diffusers folder: it has neither model_index.json (pipeline) nor config.json "
+        "(model). Save models with `save_pretrained(folder)`."
+    )
+
+
+def load_network(folder: str | Path, torch_dtype: torch.dtype | None = None):
+    """Load the diffusers model saved in ``folder`` (its class is read from ``config.json``)."""
+    import diffusers
+
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    class_name = config.get("_class_name")
+    if class_name not in _MODEL_CLASSES or not hasattr(diffusers, class_name):
+        raise ModelFolderError(
+            f"{str(folder)!r} holds a {class_name!r}, which is not a denoising network stepdistill can wrap "
+            f"(supported: {sorted(_MODEL_CLASSES)}). For a custom module, build it yourself and use "
+            "Denoiser.from_model(module, schedule)."
+        )
+    cls = getattr(diffusers, class_name)
+    return cls.from_pretrained(folder, torch_dtype=torch_dtype)
+
+
+def load_schedule(folder: str | Path, prediction_type: str | None = None) -> NoiseSchedule:
+    """Build the :class:`NoiseSchedule` of a diffusers ``scheduler/`` folder."""
+    path = Path(folder) / "scheduler_config.json"
+    if not path.is_file():
+        raise ModelFolderError(f"No scheduler_config.json in {str(folder)!r}.")
+    return NoiseSchedule.from_scheduler_config(_read_json(path), prediction_type=prediction_type)
+
+
+def load_denoiser(
+    path: str | Path,
+    prediction_type: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Denoiser:
+    """Load a teacher or student from a local folder and wrap it as a :class:`Denoiser`.
+
+    Args:
+        path: A diffusers pipeline folder (``model_index.json``) or model folder (``config.json``).
+        prediction_type: Override the scheduler's prediction type.
+        torch_dtype: dtype to load the weights in (e.g. ``torch.bfloat16`` for frozen teachers).
+        device: Device to move the network to.
+
+    Example:
+        >>> teacher = load_denoiser(teacher_path())
+        >>> teacher.schedule.prediction_type
+        'v_prediction'
+    """
+    net_folder, sched_folder = resolve_model_folder(path)
+    if sched_folder is None:
+        raise ModelFolderError(
+            f"Found a network in {str(net_folder)!r} but no scheduler/ folder beside it: stepdistill needs the "
+            "teacher's scheduler config to know its noise schedule and prediction type."
+        )
+    model = load_network(net_folder, torch_dtype=torch_dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return Denoiser.from_model(model, load_schedule(sched_folder, prediction_type=prediction_type))

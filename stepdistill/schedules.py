@@ -1,0 +1,450 @@
+"""Noise schedules and prediction-type conversions: the one place where eps / v / x0 / flow meet.
+
+Every schedule writes the forward process as ``x_t = alpha_t * x0 + sigma_t * eps`` and exposes the
+same small API, so samplers and losses never branch on the teacher family:
+
+* :meth:`NoiseSchedule.alpha_sigma` -- ``(alpha_t, sigma_t)`` for a timestep;
+* :meth:`NoiseSchedule.add_noise` -- draw ``x_t`` from ``x0`` and ``eps``;
+* :meth:`NoiseSchedule.to_x0_eps` -- convert a network output into ``(x0, eps)``;
+* :meth:`NoiseSchedule.target` -- the training target of the network for ``(x0, eps)``;
+* :meth:`NoiseSchedule.model_timestep` -- the value the network is fed as ``timestep``;
+* :meth:`NoiseSchedule.conditional_kernel` -- ``x_t | x_s`` between two noise levels;
+* :meth:`NoiseSchedule.log_snr`, :meth:`NoiseSchedule.inference_timesteps`,
+  :meth:`NoiseSchedule.validate_timesteps`.
+
+Timesteps are always in the teacher scheduler's own units: discrete indices ``0..T-1`` for VP (DDPM)
+models, and ``sigma * num_train_timesteps`` in ``[0, T]`` for rectified-flow models (what diffusers'
+``FlowMatchEulerDiscreteScheduler`` passes to SD3 / Flux transformers). ``t = 0`` is clean data.
+
+Conversions are computed in float64 (DMD2 does the same: dividing by ``alpha_999`` amplifies error).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTION_TYPES = ("flow",)
+PREDICTION_TYPES = VP_PREDICTION_TYPES + FLOW_PREDICTION_TYPES
+
+TimestepLike = int | float | Sequence[int] | Sequence[float] | torch.Tensor
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    """Return ``prediction_type`` if stepdistill knows it, else raise a ``ValueError`` naming the choices.
+
+    Args:
+        prediction_type: One of ``epsilon``, ``v_prediction``, ``sample`` (x0) or ``flow``
+            (rectified-flow velocity ``eps - x0``).
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"Unknown prediction type {prediction_type!r}. Use one of {list(PREDICTION_TYPES)}: "
+            "'epsilon' (noise), 'v_prediction' (alpha*eps - sigma*x0), 'sample' (x0) or "
+            "'flow' (rectified-flow velocity eps - x0)."
+        )
+    return prediction_type
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for x in tensors:
+        if x.dtype == torch.float64:
+            dtype = torch.float64
+    return dtype
+
+
+def _init_kwargs(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``config`` that ``cls.__init__`` accepts (diffusers configs carry extra keys)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in params and k != "self"}
+
+
+def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-sample coefficient ``[B]`` (or scalar) against ``like`` ``[B, ...]``."""
+    coef = coef.to(like.device)
+    if coef.ndim == 0:
+        return coef
+    return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
+
+
+class NoiseSchedule(ABC):
+    """A forward process ``x_t = alpha_t x0 + sigma_t eps`` with the network's prediction type.
+
+    Subclasses define ``alpha_sigma`` and the timestep units; everything else (noising, conversions,
+    targets, SNR, conditional kernels) is shared and written once here.
+
+    Args:
+        prediction_type: What the network predicts (see :func:`check_prediction_type`).
+        num_train_timesteps: ``T``, the scheduler's number of training timesteps.
+    """
+
+    family: str = "base"
+
+    def __init__(self, prediction_type: str, num_train_timesteps: int = 1000) -> None:
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    # ----------------------------------------------------------------------------------------------
+    # what subclasses define
+    @abstractmethod
+    def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return float64 ``(alpha, sigma)`` for float64 timesteps ``t`` (already validated)."""
+
+    @abstractmethod
+    def inference_timesteps(self, num_inference_steps: int) -> list[float]:
+        """Return the teacher's own decreasing sampling timesteps for ``num_inference_steps`` steps."""
+
+    @abstractmethod
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Map stepdistill timesteps to the ``timestep`` value the network was trained with."""
+
+    @property
+    @abstractmethod
+    def max_timestep(self) -> float:
+        """Largest valid timestep (the pure-noise end)."""
+
+    # ----------------------------------------------------------------------------------------------
+    def as_timesteps(self, t: TimestepLike, batch_size: int | None = None, device=None) -> torch.Tensor:
+        """Turn ``t`` into a float64 tensor of shape ``[]`` or ``[B]``, checking it lies in range.
+
+        Args:
+            t: Scalar, sequence or tensor of timesteps in the schedule's units.
+            batch_size: When given, a scalar is expanded to ``[batch_size]``.
+            device: Device of the returned tensor.
+        """
+        if not torch.is_tensor(t):
+            t = torch.as_tensor(t, dtype=torch.float64)
+        t = t.to(device=device if device is not None else t.device)
+        t = t.to(_work_dtype(t.device))
+        if t.ndim > 1:
+            raise ValueError(f"Timesteps must be a scalar or a 1-D tensor, got shape {tuple(t.shape)}.")
+        if torch.isnan(t).any():
+            raise ValueError("Timesteps contain NaN.")
+        if (t < 0).any() or (t > self.max_timestep).any():
+            raise ValueError(
+                f"Timestep(s) {t.tolist()} out of range: this {self.family} schedule accepts "
+                f"0 <= t <= {self.max_timestep:g} (t=0 is clean data)."
+            )
+        if batch_size is not None and t.ndim == 0:
+            t = t.expand(batch_size)
+        return t
+
+    def alpha_sigma(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(alpha_t, sigma_t)`` as float64 tensors with the shape of ``t``.
+
+        Args:
+            t: Timesteps in the schedule's units.
+            device: Device of the result.
+        """
+        return self._alpha_sigma(self.as_timesteps(t, device=device))
+
+    def log_snr(self, t: TimestepLike) -> torch.Tensor:
+        """Return ``log(alpha_t^2 / sigma_t^2)`` (``+inf`` at clean data)."""
+        alpha, sigma = self.alpha_sigma(t)
+        return 2.0 * (torch.log(alpha) - torch.log(sigma))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: TimestepLike) -> torch.Tensor:
+        """Return ``x_t = alpha_t * x0 + sigma_t * noise`` in the dtype of ``x0``.
+
+        Args:
+            x0: Clean samples ``[B, ...]``.
+            noise: Standard Gaussian noise of the same shape.
+            t: One timestep, or one per sample ``[B]``.
+        """
+        alpha, sigma = self.alpha_sigma(t, device=x0.device)
+        wd = alpha.dtype
+        out = _expand(alpha, x0) * x0.to(wd) + _expand(sigma, x0) * noise.to(wd)
+        return out.to(x0.dtype)
+
+    def to_x0_eps(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: TimestepLike
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Convert a network output at ``(x_t, t)`` into ``(x0, eps)`` estimates.
+
+        Formulas hold for any ``(alpha, sigma)``; see the module docstring of
+        ``shared/methods/README.md``-style notation: ``v = alpha eps - sigma x0``,
+        ``flow = eps - x0``.
+
+        Args:
+            model_output: Raw network prediction of type ``self.prediction_type``.
+            x_t: The noisy input the network saw.
+            t: Its timestep(s).
+
+        Returns:
+            ``(x0, eps)`` in float32 (float64 if an input was float64).
+        """
+        out_dtype = _out_dtype(model_output, x_t)
+        alpha, sigma = self.alpha_sigma(t, device=x_t.device)
+        wd = alpha.dtype
+        a, s = _expand(alpha, x_t), _expand(sigma, x_t)
+        y, x = model_output.to(wd), x_t.to(wd)
+        kind = self.prediction_type
+        if kind == "epsilon":
+            eps = y
+            x0 = (x - s * eps) / a
+        elif kind == "sample":
+            x0 = y
+            eps = (x - a * x0) / s
+        elif kind == "v_prediction":
+            norm = a * a + s * s
+            x0 = (a * x - s * y) / norm
+            eps = (s * x + a * y) / norm
+        else:  # flow: y = eps - x0
+            norm = a + s
+            x0 = (x - s * y) / norm
+            eps = (x + a * y) / norm
+        return x0.to(out_dtype), eps.to(out_dtype)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: TimestepLike) -> torch.Tensor:
+        """Return what the network should output for clean ``x0`` noised with ``eps`` at ``t``.
+
+        This is the regression target of denoising score matching in the network's own
+        parameterization (and the inverse of :meth:`to_x0_eps`).
+        """
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return eps
+        if kind == "sample":
+            return x0
+        if kind == "flow":
+            return eps - x0
+        alpha, sigma = self.alpha_sigma(t, device=x0.device)
+        wd = alpha.dtype
+        v = _expand(alpha, x0) * eps.to(wd) - _expand(sigma, x0) * x0.to(wd)
+        return v.to(_out_dtype(x0, eps))
+
+    def from_x0_eps(self, x0: torch.Tensor, eps: torch.Tensor, t: TimestepLike) -> torch.Tensor:
+        """Alias of :meth:`target`: the network output that corresponds to ``(x0, eps)``."""
+        return self.target(x0, eps, t)
+
+    def conditional_kernel(self, t: TimestepLike, s: TimestepLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(alpha_{t|s}, sigma_{t|s})`` of ``q(x_t | x_s) = N(alpha_{t|s} x_s, sigma_{t|s}^2 I)``.
+
+        ``alpha_{t|s} = alpha_t / alpha_s`` and ``sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2``
+        (Phased DMD's subinterval kernel). Requires ``s <= t``.
+        """
+        ts, ss = self.as_timesteps(t), self.as_timesteps(s)
+        if (ss > ts).any():
+            raise ValueError(f"conditional_kernel needs s <= t (s is the cleaner level); got t={t}, s={s}.")
+        a_t, s_t = self._alpha_sigma(ts)
+        a_s, s_s = self._alpha_sigma(ss)
+        a_ts = a_t / a_s
+        var = (s_t * s_t - a_ts * a_ts * s_s * s_s).clamp_min(0.0)
+        return a_ts, var.sqrt()
+
+    def validate_timesteps(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
+        """Check a sampling timestep list: non-empty, strictly decreasing, inside the valid range.
+
+        Returns the list as Python floats. Raises ``ValueError`` saying which rule failed.
+        """
+        values = [float(v) for v in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
+        if not values:
+            raise ValueError("The timestep list is empty: give at least one timestep, e.g. [999].")
+        for v in values:
+            if not (0 <= v <= self.max_timestep) or math.isnan(v):
+                raise ValueError(
+                    f"Timestep {v:g} in {values} is out of range: this {self.family} schedule accepts "
+                    f"0 <= t <= {self.max_timestep:g}."
+                )
+        for a, b in zip(values, values[1:]):
+            if not b < a:
+                raise ValueError(
+                    f"Timesteps must be strictly decreasing (noisiest first), got {values}. "
+                    "Sort them in descending order, e.g. [999, 749, 499, 249]."
+                )
+        return values
+
+    def config(self) -> dict[str, Any]:
+        """A JSON-serialisable description of this schedule."""
+        return {"family": self.family, "prediction_type": self.prediction_type,
+                "num_train_timesteps": self.num_train_timesteps}
+
+    @staticmethod
+    def from_scheduler_config(config: dict[str, Any], prediction_type: str | None = None) -> NoiseSchedule:
+        """Build the schedule described by a diffusers scheduler config.
+
+        Flow-matching configs (``FlowMatch*`` class names, or a ``shift`` key with no betas) give a
+        :class:`FlowSchedule`; anything with betas gives a :class:`VPSchedule`.
+
+        Args:
+            config: A diffusers scheduler config (``scheduler.config`` or ``scheduler_config.json``).
+            prediction_type: Override the config's prediction type (e.g. for custom modules).
+        """
+        config = dict(config)
+        name = str(config.get("_class_name", ""))
+        if name.startswith("FlowMatch") or ("shift" in config and "beta_start" not in config):
+            if config.get("use_dynamic_shifting"):
+                raise ValueError(
+                    "Dynamic (resolution-dependent) shifting is not supported yet: pass a scheduler config "
+                    "with use_dynamic_shifting=False and the fixed `shift` you want."
+                )
+            return FlowSchedule(
+                num_train_timesteps=config.get("num_train_timesteps", 1000),
+                shift=config.get("shift", 1.0),
+                prediction_type=prediction_type or "flow",
+                scheduler_config=config,
+            )
+        return VPSchedule.from_config(config, prediction_type=prediction_type)
+
+
+class VPSchedule(NoiseSchedule):
+    """Variance-preserving DDPM schedule: ``alpha_t = sqrt(abar_t)``, ``sigma_t = sqrt(1 - abar_t)``.
+
+    Timesteps are the scheduler's discrete indices ``0..T-1``; fractional timesteps are allowed and
+    interpolate ``abar`` linearly. The network is fed the timestep itself.
+
+    Args:
+        alphas_cumprod: ``abar_t`` for ``t = 0..T-1`` (e.g. ``DDPMScheduler(...).alphas_cumprod``).
+        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``.
+        scheduler_config: The diffusers config it came from (used for sampling timesteps).
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> sched = VPSchedule.from_config(DDPMScheduler(beta_schedule="scaled_linear").config)
+        >>> x0, eps = sched.to_x0_eps(model_output, x_t, 999)
+    """
+
+    family = "vp"
+
+    def __init__(
+        self,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str = "epsilon",
+        scheduler_config: dict[str, Any] | None = None,
+    ) -> None:
+        if prediction_type not in VP_PREDICTION_TYPES:
+            check_prediction_type(prediction_type)
+            raise ValueError(
+                f"Prediction type {prediction_type!r} does not fit a VP (DDPM) schedule; "
+                f"use one of {list(VP_PREDICTION_TYPES)}, or a flow-matching scheduler config for 'flow'."
+            )
+        super().__init__(prediction_type, num_train_timesteps=len(alphas_cumprod))
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clone()
+        self.scheduler_config = dict(scheduler_config or {})
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], prediction_type: str | None = None) -> VPSchedule:
+        """Build from a diffusers DDPM / DDIM / Euler / LCM scheduler config (betas are computed by diffusers)."""
+        from diffusers import DDPMScheduler
+
+        kwargs = _init_kwargs(DDPMScheduler, config)
+        pt = prediction_type or config.get("prediction_type", "epsilon")
+        check_prediction_type(pt)
+        kwargs["prediction_type"] = pt if pt in VP_PREDICTION_TYPES else "epsilon"
+        ddpm = DDPMScheduler(**kwargs)
+        return cls(ddpm.alphas_cumprod, prediction_type=pt, scheduler_config=dict(config))
+
+    @property
+    def max_timestep(self) -> float:
+        """The noisiest index, ``T - 1``."""
+        return float(self.num_train_timesteps - 1)
+
+    def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self.alphas_cumprod.to(device=t.device, dtype=t.dtype)
+        lo = t.floor().long().clamp(0, self.num_train_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        frac = t - lo.to(t.dtype)
+        abar = table[lo] * (1 - frac) + table[hi] * frac
+        return abar.sqrt(), (1 - abar).clamp_min(0).sqrt()
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """VP networks take the discrete index itself (as a long tensor when it is integral)."""
+        t = torch.as_tensor(t)
+        if torch.is_floating_point(t) and torch.equal(t, t.round()):
+            return t.round().long()
+        return t
+
+    def inference_timesteps(self, num_inference_steps: int) -> list[float]:
+        """Timesteps of diffusers' ``DDIMScheduler.set_timesteps`` for this config (its spacing rule)."""
+        from diffusers import DDIMScheduler
+
+        kwargs = _init_kwargs(DDIMScheduler, self.scheduler_config)
+        kwargs.pop("prediction_type", None)
+        if "trained_betas" not in kwargs:
+            # alphas_cumprod is all DDIM needs: pass it through trained betas to keep exotic schedules.
+            abar = self.alphas_cumprod
+            prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+            kwargs["trained_betas"] = (1 - abar / prev).tolist()
+        kwargs["num_train_timesteps"] = self.num_train_timesteps
+        sched = DDIMScheduler(**kwargs)
+        sched.set_timesteps(num_inference_steps)
+        return [float(v) for v in sched.timesteps.tolist()]
+
+    def config(self) -> dict[str, Any]:
+        """JSON description, including the diffusers scheduler config it came from."""
+        out = super().config()
+        out["scheduler_config"] = {k: v for k, v in self.scheduler_config.items()}
+        return out
+
+
+class FlowSchedule(NoiseSchedule):
+    """Rectified-flow schedule (SD3, Flux-style): ``alpha = 1 - sigma``, ``sigma = t / T``.
+
+    Timesteps are ``sigma * T`` in ``[0, T]``, exactly what diffusers' ``FlowMatchEulerDiscreteScheduler``
+    passes to the transformer. ``shift`` warps the *sampling* sigmas as
+    ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)``; training-time noising is unshifted in
+    ``sigma`` (pass shifted timesteps if you want shifted noise levels).
+
+    Args:
+        num_train_timesteps: ``T`` (1000 for SD3 / Flux).
+        shift: Timestep shift used when building sampling timesteps.
+        prediction_type: ``flow`` (velocity ``eps - x0``), or ``sample`` / ``epsilon`` for custom nets.
+        scheduler_config: The diffusers config it came from.
+    """
+
+    family = "flow"
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        prediction_type: str = "flow",
+        scheduler_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(prediction_type, num_train_timesteps=num_train_timesteps)
+        if shift <= 0:
+            raise ValueError(f"Flow shift must be positive, got {shift}.")
+        self.shift = float(shift)
+        self.scheduler_config = dict(scheduler_config or {})
+
+    @property
+    def max_timestep(self) -> float:
+        """``T``: sigma = 1, pure noise."""
+        return float(self.num_train_timesteps)
+
+    def shift_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Apply the timestep shift to sigmas in ``[0, 1]``."""
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = t / self.num_train_timesteps
+        return 1 - sigma, sigma
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Flow transformers take ``sigma * T`` as a float."""
+        return torch.as_tensor(t).float()
+
+    def inference_timesteps(self, num_inference_steps: int) -> list[float]:
+        """Timesteps of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (shift included)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+        sched.set_timesteps(num_inference_steps)
+        return [float(v) for v in sched.timesteps.tolist()]
+
+    def config(self) -> dict[str, Any]:
+        """JSON description including ``shift``."""
+        out = super().config()
+        out["shift"] = self.shift
+        return out
