@@ -42,11 +42,13 @@ class Conditioning:
     negative: Conditioning | None = None
 
     def __post_init__(self) -> None:
-        sizes = {name: getattr(self, name).shape[0] for name in _TENSOR_FIELDS if getattr(self, name) is not None}
         for name in _TENSOR_FIELDS:
             value = getattr(self, name)
+            if value is not None and not torch.is_tensor(value):
+                raise TypeError(f"Conditioning.{name} must be a tensor, got {type(value).__name__}.")
             if value is not None and value.ndim == 0:
                 raise ValueError(f"Conditioning.{name} must have a batch dimension, got a scalar.")
+        sizes = {name: getattr(self, name).shape[0] for name in _TENSOR_FIELDS if getattr(self, name) is not None}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"Conditioning fields disagree on the batch size: {sizes}.")
         if self.negative is not None and self.negative.batch_size not in (None, self.batch_size):

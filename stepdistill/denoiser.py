@@ -333,5 +333,5 @@ def guided_denoise(
 
 
 def _strip(cond: Conditioning) -> Conditioning:
-    uncond_fields = Conditioning(**{f: getattr(cond, f) for f in cond.present()}, null_class_label=cond.null_class_label)
-    return uncond_fields
+    """``cond`` without its ``negative`` twin (so it can be concatenated with the unconditional half)."""
+    return Conditioning(**{f: getattr(cond, f) for f in cond.present()}, null_class_label=cond.null_class_label)

@@ -74,6 +74,11 @@ def load_network(folder: str | Path, torch_dtype: torch.dtype | None = None):
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     class_name = config.get("_class_name")
+    if class_name is None:
+        raise ModelFolderError(
+            f"{str(folder)!r} has a config.json without `_class_name`: it is not a diffusers model folder "
+            "(a transformers model, or a hand-written config?). Save the network with `save_pretrained(folder)`."
+        )
     if class_name not in _MODEL_CLASSES or not hasattr(diffusers, class_name):
         raise ModelFolderError(
             f"{str(folder)!r} holds a {class_name!r}, which is not a denoising network stepdistill can wrap "

@@ -38,12 +38,16 @@ def initial_noise(
     Raises:
         ValueError: when a generator list does not have one generator per sample.
     """
-    if isinstance(generator, list) and len(generator) != shape[0]:
+    _check_generators(generator, shape[0])
+    return randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
+
+
+def _check_generators(generator: Generator, batch_size: int) -> None:
+    if isinstance(generator, list) and len(generator) != batch_size:
         raise ValueError(
-            f"Got {len(generator)} generators for a batch of {shape[0]}: pass one generator per sample "
+            f"Got {len(generator)} generators for a batch of {batch_size}: pass one generator per sample "
             "(e.g. make_generators(seeds)) or a single generator."
         )
-    return randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
 
 
 def _check_latents(latents: torch.Tensor, cond: Conditioning | None) -> None:
@@ -109,7 +113,7 @@ def sample_student(
     denoiser: Denoiser,
     latents: torch.Tensor,
     cond: Conditioning | None = None,
-    timesteps: Sequence[float] = (999,),
+    timesteps: Sequence[float] | None = None,
     generator: Generator = None,
     guidance_scale: float | None = None,
     callback: StepCallback | None = None,
@@ -124,14 +128,16 @@ def sample_student(
         denoiser: The student.
         latents: Pure noise ``[B, C, H, W]`` (the student sees it at ``timesteps[0]``).
         cond: Conditioning.
-        timesteps: Strictly decreasing timestep list.
+        timesteps: Strictly decreasing timestep list; default ``[schedule.max_timestep]`` (one step from
+            pure noise: 999 for VP, 1000 = sigma 1 for flow).
         generator: Generator(s) for the re-noising draws (one per sample for batch invariance).
         guidance_scale: Optional CFG on the student (distilled students usually need none).
         callback: Called as ``callback(i, t, denoiser_output, x)`` after each step.
     """
     _check_latents(latents, cond)
+    _check_generators(generator, latents.shape[0])  # also for one step, where no noise is drawn
     schedule = denoiser.schedule
-    ts = schedule.validate_timesteps(timesteps)
+    ts = schedule.validate_timesteps([schedule.max_timestep] if timesteps is None else timesteps)
     x = latents
     x0 = latents
     for i, t in enumerate(ts):

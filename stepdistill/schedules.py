@@ -125,8 +125,9 @@ class NoiseSchedule(ABC):
         """
         if not torch.is_tensor(t):
             t = torch.as_tensor(t, dtype=torch.float64)
-        t = t.to(device=device if device is not None else t.device)
-        t = t.to(_work_dtype(t.device))
+        device = torch.device(device) if device is not None else t.device
+        # Cast before moving: MPS has no float64, so a float64 tensor cannot be sent there first.
+        t = t.to(_work_dtype(device)).to(device)
         if t.ndim > 1:
             raise ValueError(f"Timesteps must be a scalar or a 1-D tensor, got shape {tuple(t.shape)}.")
         if torch.isnan(t).any():
@@ -136,8 +137,13 @@ class NoiseSchedule(ABC):
                 f"Timestep(s) {t.tolist()} out of range: this {self.family} schedule accepts "
                 f"0 <= t <= {self.max_timestep:g} (t=0 is clean data)."
             )
-        if batch_size is not None and t.ndim == 0:
-            t = t.expand(batch_size)
+        if batch_size is not None:
+            if t.ndim == 0 or t.shape[0] == 1:
+                t = t.reshape(()).expand(batch_size)
+            elif t.shape[0] != batch_size:
+                raise ValueError(
+                    f"Got {t.shape[0]} timesteps for a batch of {batch_size}: give one timestep, or one per sample."
+                )
         return t
 
     def alpha_sigma(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,7 +357,7 @@ class VPSchedule(NoiseSchedule):
         return float(self.num_train_timesteps - 1)
 
     def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        table = self.alphas_cumprod.to(device=t.device, dtype=t.dtype)
+        table = self.alphas_cumprod.to(t.dtype).to(t.device)  # cast on CPU first: MPS has no float64
         lo = t.floor().long().clamp(0, self.num_train_timesteps - 1)
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
         frac = t - lo.to(t.dtype)
@@ -359,10 +365,14 @@ class VPSchedule(NoiseSchedule):
         return abar.sqrt(), (1 - abar).clamp_min(0).sqrt()
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """VP networks take the discrete index itself (as a long tensor when it is integral)."""
+        """VP networks take the discrete index itself: a long tensor when integral, else float32.
+
+        Fractional timesteps go out as float32 (as diffusers' Euler schedulers pass them), never float64,
+        which custom modules and some backends do not accept.
+        """
         t = torch.as_tensor(t)
-        if torch.is_floating_point(t) and torch.equal(t, t.round()):
-            return t.round().long()
+        if torch.is_floating_point(t):
+            return t.round().long() if torch.equal(t, t.round()) else t.float()
         return t
 
     def inference_timesteps(self, num_inference_steps: int) -> list[float]:
@@ -439,7 +449,9 @@ class FlowSchedule(NoiseSchedule):
         """Timesteps of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (shift included)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+        kwargs = _init_kwargs(FlowMatchEulerDiscreteScheduler, self.scheduler_config)
+        kwargs.update(num_train_timesteps=self.num_train_timesteps, shift=self.shift, use_dynamic_shifting=False)
+        sched = FlowMatchEulerDiscreteScheduler(**kwargs)  # keeps e.g. shift_terminal, karras sigmas
         sched.set_timesteps(num_inference_steps)
         return [float(v) for v in sched.timesteps.tolist()]
 

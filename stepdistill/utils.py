@@ -1,0 +1,37 @@
+"""Small shared helpers: atomic writes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling that then replaces ``target``.
+
+    A crash while writing leaves any previous ``target`` intact (the temporary folder is removed).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def atomic_save_pretrained(obj, target: str | Path, **kwargs) -> Path:
+    """``obj.save_pretrained`` into ``target`` atomically (models, schedulers, pipelines)."""
+    return atomic_write_dir(target, lambda tmp: obj.save_pretrained(tmp, **kwargs))
