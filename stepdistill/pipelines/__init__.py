@@ -1,0 +1,60 @@
+"""Inference artifacts, diffusers-style: :class:`StepDistillPipeline` and the export to stock diffusers pipelines.
+
+Importing this package also makes ``diffusers.DiffusionPipeline.from_pretrained(folder)`` able to load
+folders saved by :class:`StepDistillPipeline` (see :func:`register_with_diffusers`).
+"""
+
+from .export import (
+    ExportResult,
+    export_stable_diffusion,
+    export_stable_diffusion_3,
+    export_stable_diffusion_xl,
+    export_stepdistill_pipeline,
+    export_student,
+    flow_scheduler_for_student,
+    lcm_original_inference_steps,
+    lcm_scheduler_for_student,
+    teacher_kind,
+    write_model_card,
+)
+from .pipeline_stepdistill import (
+    StepDistillPipeline,
+    StepDistillPipelineOutput,
+    is_student_scheduler,
+)
+
+
+def register_with_diffusers() -> None:
+    """Expose :class:`StepDistillPipeline` as ``diffusers.StepDistillPipeline``.
+
+    ``DiffusionPipeline.from_pretrained(folder)`` resolves the ``_class_name`` of ``model_index.json`` as an
+    attribute of the ``diffusers`` module (custom classes otherwise need ``custom_pipeline=`` and
+    ``trust_remote_code=True``, i.e. code stored next to the weights). Registering the name once, at
+    import time, lets stock diffusers load StepDistillPipeline folders whenever stepdistill is imported.
+    ``StepDistillPipeline.from_pretrained(folder)`` works without it.
+    """
+    import diffusers
+
+    if getattr(diffusers, StepDistillPipeline.__name__, None) is None:
+        setattr(diffusers, StepDistillPipeline.__name__, StepDistillPipeline)
+
+
+register_with_diffusers()
+
+__all__ = [
+    "ExportResult",
+    "StepDistillPipeline",
+    "StepDistillPipelineOutput",
+    "export_stable_diffusion",
+    "export_stable_diffusion_3",
+    "export_stable_diffusion_xl",
+    "export_stepdistill_pipeline",
+    "export_student",
+    "flow_scheduler_for_student",
+    "is_student_scheduler",
+    "lcm_original_inference_steps",
+    "lcm_scheduler_for_student",
+    "register_with_diffusers",
+    "teacher_kind",
+    "write_model_card",
+]
