@@ -17,6 +17,7 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)
     try:
         write(tmp)
         old = None

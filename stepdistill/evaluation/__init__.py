@@ -1,0 +1,97 @@
+"""Evaluation: feature extractors, FID / KID / precision-recall / diversity, reference statistics, the command.
+
+The same functions serve the ``stepdistill-eval`` command, ``eval/bench_digits.py`` and the trainers::
+
+    from stepdistill.evaluation import DigitsClassifierFeatures, ReferenceStats, compute_metrics
+
+    extractor = DigitsClassifierFeatures.from_pretrained()
+    ref = ReferenceStats.load("digits_heldout.npz", extractor=extractor)  # raises on an extractor mismatch
+    result = compute_metrics(extractor(samples), ref, labels=class_labels)
+"""
+
+from .evaluate import (
+    MATCH_REFERENCE,
+    evaluate_folder,
+    evaluate_images,
+    evaluate_pipeline,
+    labels_matching_reference,
+    make_reference,
+    parse_int_list,
+    resolve_extractor,
+)
+from .features import (
+    CallableFeatures,
+    DigitsClassifierFeatures,
+    FeatureExtractor,
+    FeatureExtractorError,
+    InceptionFeatures,
+    build_feature_extractor,
+    extract_features,
+)
+from .io import ImageInputError, load_image, scan_image_folder, to_uint8_nhwc
+from .metrics import (
+    MetricsResult,
+    MetricUndefinedError,
+    compute_metrics,
+    diversity,
+    feature_statistics,
+    fid_from_features,
+    frechet_distance,
+    kernel_inception_distance,
+    mean_pairwise_distance,
+    precision_recall,
+    vendi_score,
+)
+from .sources import (
+    PipelineCallError,
+    dataset_features,
+    digits_features,
+    folder_features,
+    load_pipeline,
+    pipeline_features,
+    sample_pipeline,
+)
+from .stats import ReferenceStats, StatsFileError, StatsMismatchError
+
+__all__ = [
+    "MATCH_REFERENCE",
+    "CallableFeatures",
+    "DigitsClassifierFeatures",
+    "FeatureExtractor",
+    "FeatureExtractorError",
+    "ImageInputError",
+    "InceptionFeatures",
+    "MetricUndefinedError",
+    "MetricsResult",
+    "PipelineCallError",
+    "ReferenceStats",
+    "StatsFileError",
+    "StatsMismatchError",
+    "build_feature_extractor",
+    "compute_metrics",
+    "dataset_features",
+    "digits_features",
+    "diversity",
+    "evaluate_folder",
+    "evaluate_images",
+    "evaluate_pipeline",
+    "extract_features",
+    "feature_statistics",
+    "fid_from_features",
+    "folder_features",
+    "frechet_distance",
+    "kernel_inception_distance",
+    "labels_matching_reference",
+    "load_image",
+    "load_pipeline",
+    "make_reference",
+    "mean_pairwise_distance",
+    "parse_int_list",
+    "pipeline_features",
+    "precision_recall",
+    "resolve_extractor",
+    "sample_pipeline",
+    "scan_image_folder",
+    "to_uint8_nhwc",
+    "vendi_score",
+]

@@ -133,7 +133,7 @@ class StepDistillPipeline(DiffusionPipeline):
         text_encoder: nn.Module | None = None,
         tokenizer: Any | None = None,
         null_class_label: int | None = None,
-        default_timesteps: list[float] | None = None,
+        default_timesteps: list[int | float] | None = None,
         default_guidance_scale: float = 1.0,
     ) -> None:
         super().__init__()

@@ -1,0 +1,343 @@
+"""``stepdistill-eval`` (also ``python eval/fid.py``): reference statistics and metrics, from the shell.
+
+Examples::
+
+    # reference statistics (.npz with the extractor's identity inside)
+    stepdistill-eval ref --data digits:heldout --features digits --out refs/digits_heldout.npz
+    stepdistill-eval ref --data /data/ffhq_val --inception_weights /models/inception-2015-12-05.pt --out refs/ffhq.npz
+    stepdistill-eval ref --data /data/hf_dataset --split validation --label_column label --out refs/val.npz
+
+    # metrics of a folder, or of a pipeline sampled here with per-image seeds
+    stepdistill-eval calc --ref refs/digits_heldout.npz --images samples/ --out metrics.json
+    stepdistill-eval calc --ref refs/digits_heldout.npz --pipeline runs/dmd2/pipeline \
+        --class_labels reference --timesteps 999 --seeds 0-399 --out metrics.json
+
+    # several processes / GPUs: sampling and feature extraction are split and gathered
+    accelerate launch -m stepdistill.evaluation.cli calc --ref ... --pipeline ...
+
+The extractor defaults to the one recorded in the reference statistics; comparing with statistics of
+another extractor is an error. Outputs are written only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..loading import ModelFolderError
+from .evaluate import MATCH_REFERENCE, evaluate_folder, evaluate_pipeline, make_reference, parse_int_list
+from .features import FeatureExtractorError, build_feature_extractor
+from .io import ImageInputError
+from .metrics import MetricsResult, MetricUndefinedError
+from .sources import PipelineCallError, is_main_process, load_pipeline
+from .stats import ReferenceStats, StatsFileError, StatsMismatchError, write_atomic
+
+#: Errors reported as one clear line (exit status 1) instead of a traceback.
+USER_ERRORS = (
+    ImageInputError,
+    FeatureExtractorError,
+    MetricUndefinedError,
+    StatsFileError,
+    StatsMismatchError,
+    PipelineCallError,
+    ModelFolderError,
+    FileNotFoundError,
+)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PIPELINE_ONLY = ("seeds", "num_samples", "prompts", "steps", "timesteps", "guidance_scale", "save_images")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return parse_int_list(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _timesteps(text: str) -> list[float]:
+    try:
+        return [float(t) if "." in t else int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated timesteps like 999,499, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``stepdistill-eval`` (subcommands ``ref`` and ``calc``)."""
+    parser = argparse.ArgumentParser(
+        prog="stepdistill-eval",
+        description="FID / KID / precision-recall / diversity for stepdistill students, teachers and image folders.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--inception_weights", default=None, help="Path of clean-fid's inception-2015-12-05.pt (or its folder)."
+        )
+        p.add_argument(
+            "--download", action="store_true", help="Let clean-fid download the Inception weights if missing."
+        )
+        p.add_argument("--batch_size", type=int, default=64, help="Images per batch.")
+        p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading image folders.")
+        p.add_argument("--device", default=None, help="Device (default: this process's accelerate device).")
+        p.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+    ref = sub.add_parser("ref", help="Compute reference statistics (.npz).")
+    ref.add_argument(
+        "--data",
+        required=True,
+        help="Folder of images, a `datasets` dataset saved with save_to_disk, or digits:heldout / digits:train.",
+    )
+    ref.add_argument("--out", required=True, help="Output .npz.")
+    ref.add_argument(
+        "--features",
+        default="inception",
+        help="inception | inception:PATH | digits | digits:PATH | package.module:attr (default: inception).",
+    )
+    ref.add_argument("--split", default=None, help="Split of a saved DatasetDict.")
+    ref.add_argument("--image_column", default=None, help="Image column of the dataset (auto-detected if unique).")
+    ref.add_argument("--label_column", default=None, help="Class-label column to store with the statistics.")
+    common(ref)
+
+    calc = sub.add_parser("calc", help="Compute metrics of an image folder or a sampled pipeline against a reference.")
+    calc.add_argument("--ref", required=True, help="Reference statistics .npz (from `ref`).")
+    what = calc.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", help="Folder of generated images (recursive).")
+    what.add_argument("--pipeline", help="A diffusers pipeline folder to sample here (stepdistill or stock).")
+    calc.add_argument("--out", default=None, help="Write the metrics as JSON here.")
+    calc.add_argument("--features", default=None, help="Feature extractor (default: the one recorded in --ref).")
+    calc.add_argument("--num_samples", type=int, default=None, help="Images to sample (default: see --seeds).")
+    calc.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=None,
+        help="Seed of each image, e.g. 0-399 (default: 0..N-1 with N = --num_samples, else the number of "
+        "labels / prompts, else the reference size).",
+    )
+    calc.add_argument(
+        "--class_labels",
+        default=None,
+        help=f"File of integer labels (one per image, cycled), or '{MATCH_REFERENCE}' to match the reference's "
+        "class mix. With --images: one label per image in sorted-path order.",
+    )
+    calc.add_argument("--prompts", default=None, help="File with one prompt per line (cycled over the images).")
+    calc.add_argument("--steps", type=int, default=None, help="num_inference_steps passed to the pipeline.")
+    calc.add_argument(
+        "--timesteps", type=_timesteps, default=None, help="Explicit timesteps passed to the pipeline, e.g. 999,499."
+    )
+    calc.add_argument("--guidance_scale", type=float, default=None, help="Guidance scale passed to the pipeline.")
+    calc.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="Pipeline weights dtype.")
+    calc.add_argument("--save_images", default=None, help="Also save the sampled images to this folder.")
+    calc.add_argument("--k", type=int, default=3, help="Neighbourhood size of precision / recall (default 3).")
+    calc.add_argument("--kid_subsets", type=int, default=100, help="KID subsets (default 100).")
+    calc.add_argument("--per_class", action="store_true", help="Also report metrics per class.")
+    common(calc)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------
+def read_labels_file(path: str | Path) -> list[int]:
+    """Integer labels separated by whitespace, commas or newlines."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"Class-label file {str(path)!r} not found.")
+    try:
+        labels = [int(tok) for tok in path.read_text().replace(",", " ").split()]
+    except ValueError as err:
+        raise ImageInputError(f"{str(path)!r} must hold integer class labels: {err}.") from err
+    if not labels:
+        raise ImageInputError(f"Class-label file {str(path)!r} is empty.")
+    return labels
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"Prompt file {str(path)!r} not found.")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ImageInputError(f"Prompt file {str(path)!r} has no prompts.")
+    return prompts
+
+
+def format_table(rows: Sequence[tuple[str, object]]) -> str:
+    """A two-column markdown table of ``(metric, value)`` rows."""
+
+    def fmt(v: object) -> str:
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    width = max(len("metric"), *(len(k) for k, _ in rows))
+    lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {k:<{width}} | {fmt(v)} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write JSON atomically."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+    return write_atomic(path, write)
+
+
+def _state(args: argparse.Namespace):
+    """The process group (``accelerate launch`` / ``torchrun`` give several processes) and the device.
+
+    Without CUDA (or with ``--device cpu`` / ``accelerate launch --cpu``) the processes join a CPU (gloo)
+    group, so a multi-process launch on CPUs splits the work instead of running it once per process.
+    """
+    import os
+
+    from accelerate import PartialState
+
+    use_cpu = (
+        not torch.cuda.is_available()
+        or (args.device or "").startswith("cpu")
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    )
+    state = PartialState(cpu=use_cpu)
+    device = torch.device(args.device) if args.device else state.device
+    return state, device
+
+
+# ---------------------------------------------------------------------------------------------------
+def run_ref(args: argparse.Namespace) -> int:
+    """``ref``: compute and save reference statistics."""
+    state, device = _state(args)
+    extractor = build_feature_extractor(
+        args.features, device, inception_weights=args.inception_weights, download=args.download
+    )
+    stats = make_reference(
+        args.data,
+        extractor,
+        split=args.split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        accelerator=state,
+        progress=not args.quiet,
+    )
+    if is_main_process(state):
+        stats.save(args.out)
+        print(
+            format_table(
+                [
+                    ("source", stats.source),
+                    ("images", stats.n),
+                    ("extractor", stats.extractor),
+                    ("dim", stats.dim),
+                    ("out", args.out),
+                ]
+            )
+        )
+    return 0
+
+
+def run_calc(args: argparse.Namespace) -> int:
+    """``calc``: metrics of a folder or a sampled pipeline against reference statistics."""
+    state, device = _state(args)
+    ref = ReferenceStats.load(args.ref)
+    spec = args.features or ref.extractor_spec
+    if not spec:
+        raise FeatureExtractorError(f"{args.ref} does not record how to rebuild its extractor; pass --features.")
+    extractor = build_feature_extractor(spec, device, inception_weights=args.inception_weights, download=args.download)
+    common = dict(
+        extractor=extractor,
+        accelerator=state,
+        progress=not args.quiet,
+        k=args.k,
+        kid_subsets=args.kid_subsets,
+        per_class=args.per_class,
+        device=device,
+        batch_size=args.batch_size,
+    )
+    labels = None
+    if args.class_labels is not None:
+        labels = args.class_labels if args.class_labels == MATCH_REFERENCE else read_labels_file(args.class_labels)
+    if args.images is not None:
+        pipeline_only = [f"--{k}" for k in _PIPELINE_ONLY if getattr(args, k) is not None]
+        if pipeline_only:
+            raise ImageInputError(f"{', '.join(pipeline_only)} apply to --pipeline, not to --images.")
+        if labels == MATCH_REFERENCE:
+            raise ImageInputError(
+                f"--class_labels {MATCH_REFERENCE} applies to --pipeline; for --images pass a label file."
+            )
+        result = evaluate_folder(args.images, ref, labels=labels, num_workers=args.workers, **common)
+        what = {"images": args.images}
+    else:
+        prompts = read_prompts_file(args.prompts) if args.prompts else None
+        dtype = None if args.dtype == "fp32" else _DTYPES[args.dtype]
+        pipe = load_pipeline(args.pipeline, device=device, torch_dtype=dtype)
+        result = evaluate_pipeline(
+            pipe,
+            ref,
+            num_samples=args.num_samples,
+            seeds=args.seeds,
+            class_labels=labels,
+            prompts=prompts,
+            num_inference_steps=args.steps,
+            timesteps=args.timesteps,
+            guidance_scale=args.guidance_scale,
+            save_dir=args.save_images,
+            **common,
+        )
+        what = {
+            "pipeline": args.pipeline,
+            "steps": args.steps,
+            "timesteps": args.timesteps,
+            "guidance_scale": args.guidance_scale,
+        }
+    what["num_processes"] = state.num_processes
+    if is_main_process(state):
+        _report(result, ref, what, args)
+    return 0
+
+
+def _report(result: MetricsResult, ref: ReferenceStats, what: dict, args: argparse.Namespace) -> None:
+    flat = result.to_dict()
+    rows = [(k, v) for k, v in flat.items() if k != "per_class"]
+    rows.insert(0, ("reference", f"{ref.source} ({ref.n} images)"))
+    print(format_table(rows))
+    if result.per_class:
+        for label, values in result.per_class.items():
+            print(
+                f"class {label}: "
+                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+            )
+    if args.out:
+        payload = {
+            "metrics": flat,
+            "reference": {
+                "path": str(args.ref),
+                "source": ref.source,
+                "n": ref.n,
+                "extractor": ref.extractor,
+                "extractor_info": ref.meta.get("extractor"),
+            },
+            "evaluated": what,
+            "args": vars(args),
+        }
+        write_json(args.out, payload)
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``stepdistill-eval``; user errors print one line and exit with status 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run_ref(args) if args.command == "ref" else run_calc(args)
+    except USER_ERRORS as err:
+        print(f"stepdistill-eval {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
