@@ -316,7 +316,9 @@ def test_vp_fractional_timesteps_interpolate_abar():
 
 
 @pytest.mark.parametrize(
-    "sched", [vp(beta_schedule=b) for b in BETA_SCHEDULES] + [flow(shift=1.0), flow(shift=3.0)], ids=str
+    "sched",
+    [vp(beta_schedule=b) for b in BETA_SCHEDULES] + [flow(shift=1.0), flow(shift=3.0)],
+    ids=[f"vp-{b}" for b in BETA_SCHEDULES] + ["flow-shift1", "flow-shift3"],
 )
 def test_log_snr_is_strictly_decreasing(sched):
     t = torch.linspace(0, sched.max_timestep, 4001, dtype=torch.float64)
