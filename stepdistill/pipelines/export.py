@@ -55,6 +55,9 @@ KINDS = ("stable-diffusion", "stable-diffusion-xl", "stable-diffusion-3", "stepd
 StudentLike = Denoiser | nn.Module
 SchedulerConfigLike = Mapping[str, Any] | Any
 
+#: The text components that SDXL and SD3 bases must both supply.
+_DUAL_TEXT_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
 
 @dataclass
 class ExportResult:
@@ -280,6 +283,47 @@ def _plain(values: Sequence[float]) -> list[int | float]:
     return [_plain_number(v) for v in values]
 
 
+def _stock_inputs(
+    student: StudentLike,
+    base: DiffusionPipeline | Mapping[str, Any] | str | Path,
+    pipeline_cls: type[DiffusionPipeline],
+    network_key: str,
+    kind: str,
+    required: Sequence[str],
+    wrong_kind: str,
+) -> tuple[nn.Module, NoiseSchedule | None, dict[str, Any]]:
+    """The student's network and schedule and the base's components, checked for a stock ``pipeline_cls`` export.
+
+    ``wrong_kind`` is the error message when the network is not of ``kind``; it is formatted with ``name``
+    (the network's class name) and ``kind`` (its :func:`teacher_kind`).
+    """
+    network, schedule = _split_student(student)
+    if teacher_kind(network) != kind:
+        raise ValueError(wrong_kind.format(name=type(network).__name__, kind=teacher_kind(network)))
+    components = _base_components(base, pipeline_cls, network_key, network)
+    _require(components, required, pipeline_cls.__name__)
+    return network, schedule, components
+
+
+def _stock_lcm_scheduler(
+    components: Mapping[str, Any], schedule: NoiseSchedule | None, timesteps: Sequence[int]
+) -> tuple[LCMScheduler, list[int]]:
+    """The student ``LCMScheduler`` of a VP stock export and its integer timesteps."""
+    scheduler = lcm_scheduler_for_student(
+        _teacher_scheduler(components, schedule), timesteps, prediction_type=_prediction_type(schedule)
+    )
+    ts = _integer_timesteps(NoiseSchedule.from_scheduler_config(dict(scheduler.config)), timesteps)
+    return scheduler, ts
+
+
+def _save_export(pipe: DiffusionPipeline, result: ExportResult, model_card: bool, title: str | None) -> ExportResult:
+    """Save ``pipe`` to ``result.path`` and write its model card if asked."""
+    _save(pipe, result.path)
+    if model_card:
+        write_model_card(result, title=title)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------
 # exports
 def export_stable_diffusion(
@@ -309,18 +353,17 @@ def export_stable_diffusion(
     """
     from diffusers import StableDiffusionPipeline  # stock pipelines import lazily: they pull in transformers
 
-    network, schedule = _split_student(student)
-    if teacher_kind(network) != "stable-diffusion":
-        raise ValueError(
-            f"export_stable_diffusion needs an SD1.5-like UNet2DConditionModel, got {type(network).__name__} "
-            f"({teacher_kind(network)}); use export_student to dispatch."
-        )
-    components = _base_components(base, StableDiffusionPipeline, "unet", network)
-    _require(components, ("vae", "text_encoder", "tokenizer"), "StableDiffusionPipeline")
-    scheduler = lcm_scheduler_for_student(
-        _teacher_scheduler(components, schedule), timesteps, prediction_type=_prediction_type(schedule)
+    network, schedule, components = _stock_inputs(
+        student,
+        base,
+        StableDiffusionPipeline,
+        "unet",
+        "stable-diffusion",
+        ("vae", "text_encoder", "tokenizer"),
+        "export_stable_diffusion needs an SD1.5-like UNet2DConditionModel, got {name} ({kind}); "
+        "use export_student to dispatch.",
     )
-    ts = _integer_timesteps(NoiseSchedule.from_scheduler_config(dict(scheduler.config)), timesteps)
+    scheduler, ts = _stock_lcm_scheduler(components, schedule, timesteps)
     pipe = StableDiffusionPipeline(
         vae=components["vae"],
         text_encoder=components["text_encoder"],
@@ -332,16 +375,14 @@ def export_stable_diffusion(
         requires_safety_checker=False,
     )
     result = ExportResult(
-        path=_save(pipe, out_dir),
+        path=Path(out_dir),
         pipeline_class="StableDiffusionPipeline",
         kind="stable-diffusion",
         timesteps=ts,
         call_kwargs={"timesteps": ts, "guidance_scale": 0.0},
         notes=_lcm_notes(scheduler, ts),
     )
-    if model_card:
-        write_model_card(result, title=title)
-    return result
+    return _save_export(pipe, result, model_card, title)
 
 
 def export_stable_diffusion_xl(
@@ -360,20 +401,16 @@ def export_stable_diffusion_xl(
     """
     from diffusers import StableDiffusionXLPipeline
 
-    network, schedule = _split_student(student)
-    if teacher_kind(network) != "stable-diffusion-xl":
-        raise ValueError(
-            f"export_stable_diffusion_xl needs an SDXL-like UNet (addition_embed_type='text_time'), "
-            f"got {type(network).__name__} ({teacher_kind(network)})."
-        )
-    components = _base_components(base, StableDiffusionXLPipeline, "unet", network)
-    _require(
-        components, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"), "StableDiffusionXLPipeline"
+    network, schedule, components = _stock_inputs(
+        student,
+        base,
+        StableDiffusionXLPipeline,
+        "unet",
+        "stable-diffusion-xl",
+        _DUAL_TEXT_COMPONENTS,
+        "export_stable_diffusion_xl needs an SDXL-like UNet (addition_embed_type='text_time'), got {name} ({kind}).",
     )
-    scheduler = lcm_scheduler_for_student(
-        _teacher_scheduler(components, schedule), timesteps, prediction_type=_prediction_type(schedule)
-    )
-    ts = _integer_timesteps(NoiseSchedule.from_scheduler_config(dict(scheduler.config)), timesteps)
+    scheduler, ts = _stock_lcm_scheduler(components, schedule, timesteps)
     pipe = StableDiffusionXLPipeline(
         vae=components["vae"],
         text_encoder=components["text_encoder"],
@@ -389,7 +426,7 @@ def export_stable_diffusion_xl(
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     height, width = height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
     result = ExportResult(
-        path=_save(pipe, out_dir),
+        path=Path(out_dir),
         pipeline_class="StableDiffusionXLPipeline",
         kind="stable-diffusion-xl",
         timesteps=ts,
@@ -398,9 +435,7 @@ def export_stable_diffusion_xl(
         notes=_lcm_notes(scheduler, ts)
         + ["`add_watermarker=False` at load time: the invisible watermark (when installed) changes pixels."],
     )
-    if model_card:
-        write_model_card(result, title=title)
-    return result
+    return _save_export(pipe, result, model_card, title)
 
 
 def export_stable_diffusion_3(
@@ -420,12 +455,14 @@ def export_stable_diffusion_3(
     """
     from diffusers import StableDiffusion3Pipeline
 
-    network, schedule = _split_student(student)
-    if teacher_kind(network) != "stable-diffusion-3":
-        raise ValueError(f"export_stable_diffusion_3 needs an SD3Transformer2DModel, got {type(network).__name__}.")
-    components = _base_components(base, StableDiffusion3Pipeline, "transformer", network)
-    _require(
-        components, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"), "StableDiffusion3Pipeline"
+    network, schedule, components = _stock_inputs(
+        student,
+        base,
+        StableDiffusion3Pipeline,
+        "transformer",
+        "stable-diffusion-3",
+        _DUAL_TEXT_COMPONENTS,
+        "export_stable_diffusion_3 needs an SD3Transformer2DModel, got {name}.",
     )
     scheduler, sigmas = flow_scheduler_for_student(_teacher_scheduler(components, schedule), timesteps)
     ts = _plain(NoiseSchedule.from_scheduler_config(dict(scheduler.config)).validate_timesteps(timesteps))
@@ -457,7 +494,7 @@ def export_stable_diffusion_3(
             "per-image generator lists are not reproducible with this stock pipeline."
         )
     result = ExportResult(
-        path=_save(pipe, out_dir),
+        path=Path(out_dir),
         pipeline_class="StableDiffusion3Pipeline",
         kind="stable-diffusion-3",
         timesteps=ts,
@@ -466,9 +503,7 @@ def export_stable_diffusion_3(
         exact=not multi,
         notes=notes,
     )
-    if model_card:
-        write_model_card(result, title=title)
-    return result
+    return _save_export(pipe, result, model_card, title)
 
 
 def export_stepdistill_pipeline(
@@ -523,7 +558,7 @@ def export_stepdistill_pipeline(
         default_guidance_scale=1.0,
     )
     result = ExportResult(
-        path=_save(pipe, out_dir),
+        path=Path(out_dir),
         pipeline_class="StepDistillPipeline",
         kind="stepdistill",
         timesteps=ts,
@@ -534,9 +569,7 @@ def export_stepdistill_pipeline(
             "`import stepdistill.pipelines`)."
         ],
     )
-    if model_card:
-        write_model_card(result, title=title)
-    return result
+    return _save_export(pipe, result, model_card, title)
 
 
 def export_student(
