@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -133,7 +133,7 @@ class StepDistillPipeline(DiffusionPipeline):
         text_encoder: nn.Module | None = None,
         tokenizer: Any | None = None,
         null_class_label: int | None = None,
-        default_timesteps: list[int | float] | None = None,
+        default_timesteps: Optional[list[Union[int, float]]] = None,  # noqa: UP007, UP045 (diffusers type-checks typing.Union only)
         default_guidance_scale: float = 1.0,
     ) -> None:
         super().__init__()
