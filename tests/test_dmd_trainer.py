@@ -1,0 +1,230 @@
+"""DMD / DMD2 trainer on a tiny digits-shaped teacher: a few steps of each mode, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepdistill import Conditioning, VPSchedule
+from stepdistill.denoiser import CallableDenoiser
+from stepdistill.loading import ModelFolderError, load_denoiser
+from stepdistill.trainers.base import NonFiniteLossError, list_checkpoints, parse_config
+from stepdistill.trainers.dmd import DMDConfig, DMDTrainer, compute_distribution_matching_loss
+from stepdistill.trainers.losses import distribution_matching_gradient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions run far faster single-threaded on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A random 1-channel 8x8 class-conditional v-prediction teacher (digits shapes, tiny widths)."""
+    from stepdistill.data.digits_models import teacher_unet
+    from stepdistill.trainers.digits_world import save_teacher
+
+    torch.manual_seed(0)
+    unet = teacher_unet(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    with torch.no_grad():  # diffusers zero-initialises the output conv; break it so gradients flow
+        for p in unet.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return save_teacher(unet, tmp_path_factory.mktemp("teacher") / "teacher", {"guidance_scale": 2.0})
+
+
+def _config(teacher: Path, out: Path, **overrides) -> DMDConfig:
+    base = dict(
+        teacher=str(teacher), output_dir=str(out), max_train_steps=2, train_batch_size=4,
+        generator_learning_rate=1e-3, critic_learning_rate=1e-3, lr_warmup_steps=0,
+        critic_updates_per_generator_update=1, checkpointing_steps=0, log_every=1,
+        eval_num_samples=0, sample_grid_size=4, seed=3,
+    )
+    base.update(overrides)
+    return DMDConfig(**base)
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_dmd2_one_step_gan_ema_trains_everything(tiny_teacher, tmp_path):
+    cfg = _config(tiny_teacher, tmp_path / "run", use_gan=True, use_ema=True, student_timesteps=[399],
+                  checkpointing_steps=2)
+    trainer = DMDTrainer(cfg)
+    gen0, critic0 = _params(trainer.unwrap("generator")), _params(trainer.unwrap("critic"))
+    teacher0 = _params(trainer.teacher.model)
+    assert trainer.unwrap("critic").head is not None and any(k.startswith("head.") for k in critic0)
+    summary = trainer.train()
+
+    metrics = summary["final_metrics"]
+    for key in ("loss/dm", "loss/fake_score", "loss/gan_generator", "loss/gan_critic", "grad_norm/generator",
+                "grad_norm/dm_at_x", "grad_norm/gan_at_x"):
+        assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
+    for name, before in (("generator", gen0), ("critic", critic0)):
+        after = dict(trainer.unwrap(name).named_parameters())
+        unchanged = [k for k, v in before.items() if torch.equal(v, after[k].detach())]
+        assert not unchanged, f"{name} parameters did not change: {unchanged[:5]}"
+    for k, v in trainer.teacher.model.named_parameters():
+        assert torch.equal(v, teacher0[k]) and not v.requires_grad
+    # outputs: checkpoint with diffusers folders, sample grid, exported student folder
+    ckpt = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert (ckpt / "models" / "generator_ema" / "config.json").is_file()
+    assert (ckpt / "models" / "gan_head.safetensors").is_file()
+    assert (tmp_path / "run" / "samples" / "step-000002.png").is_file()
+    student = load_denoiser(tmp_path / "run" / "student")
+    meta = json.loads((tmp_path / "run" / "student" / "stepdistill_student.json").read_text())
+    assert meta["timesteps"] == [399.0]
+    scheduler_cfg = json.loads((tmp_path / "run" / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_cfg["_class_name"] == "LCMScheduler"
+    x = torch.randn(2, 1, 8, 8)
+    labels = Conditioning(class_labels=torch.tensor([1, 2]), null_class_label=10)
+    assert torch.isfinite(student(x, 399, labels).x0).all()
+
+
+def test_dmd1_regression_on_teacher_pairs(tiny_teacher, tmp_path):
+    cfg = _config(tiny_teacher, tmp_path / "dmd1", max_train_steps=1, regression_loss_weight=0.25,
+                  num_regression_pairs=6, regression_teacher_steps=2, export=False)
+    trainer = DMDTrainer(cfg)
+    assert trainer.regression_pairs["y"].shape == (6, 1, 8, 8)
+    gen0 = _params(trainer.unwrap("generator"))
+    metrics = trainer.train()["final_metrics"]
+    assert torch.isfinite(torch.tensor([metrics["loss/regression"], metrics["loss/dm"]])).all()
+    after = dict(trainer.unwrap("generator").named_parameters())
+    assert all(not torch.equal(v, after[k].detach()) for k, v in gen0.items())
+
+
+def test_dm_gradient_matches_hand_computed_value():
+    schedule = VPSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+                                      prediction_type="sample")
+    # x0-predicting toy scores: real(cond) = 0.5 x_t + label, real(uncond) = 0.5 x_t, fake = 0.25 x_t
+    real = CallableDenoiser(lambda x, t, c: 0.5 * x + c.class_labels.float()[:, None, None, None], schedule)
+    fake = CallableDenoiser(lambda x, t, c: 0.25 * x, schedule)
+    cond = Conditioning(class_labels=torch.tensor([1, 0]), null_class_label=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 2, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    noise = torch.randn(2, 1, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.tensor([100.0, 700.0], dtype=torch.float64)
+    w = 3.0
+    loss, _, _ = compute_distribution_matching_loss(x, cond, real, fake, t, noise, real_guidance_scale=w)
+    loss.mean().backward()
+
+    with torch.no_grad():
+        abar = schedule.alphas_cumprod[t.long()]
+        x_t = abar.sqrt()[:, None, None, None] * x + (1 - abar).sqrt()[:, None, None, None] * noise
+        x0_real = 0.5 * x_t + w * cond.class_labels.double()[:, None, None, None]
+        x0_fake = 0.25 * x_t
+        norm = (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+        expected = (x0_fake - x0_real) / norm / x.numel()
+    torch.testing.assert_close(x.grad, expected.to(x.grad.dtype), rtol=1e-4, atol=1e-7)
+    # the helper alone, and its zero-normaliser guard
+    grad = distribution_matching_gradient(x.detach(), x0_real, x0_fake)
+    torch.testing.assert_close(grad.double(), (expected * x.numel()), rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(distribution_matching_gradient(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2),
+                                                         torch.ones(1, 1, 2, 2))).all()
+
+
+def test_resume_equivalence_multistep_backward_simulation(tiny_teacher, tmp_path):
+    common = dict(student_timesteps=[999, 666, 333], use_gan=True, use_ema=True, max_train_steps=4,
+                  critic_updates_per_generator_update=2, checkpointing_steps=2, checkpoints_total_limit=1)
+    straight = DMDTrainer(_config(tiny_teacher, tmp_path / "a", export=False, **common))
+    assert straight.config.uses_backward_simulation
+    summary = straight.train()
+    assert torch.isfinite(torch.tensor(summary["final_metrics"]["loss/fake_score"]))
+    ckpts = list_checkpoints(tmp_path / "a" / "checkpoints")
+    assert [c.name for c in ckpts] == ["checkpoint-000004"]  # keep-last-1 pruned step 2
+    # N/2 steps, stop, then resume "latest" for the other N/2 (same output dir)
+    half = DMDTrainer(_config(tiny_teacher, tmp_path / "b", export=False, **dict(common, max_train_steps=2)))
+    half.train()
+    resumed = DMDTrainer(_config(tiny_teacher, tmp_path / "b", export=False, resume_from_checkpoint="latest",
+                                 **common))
+    resumed.train()
+    assert resumed.global_step == 4
+    for name in ("generator", "critic"):
+        a = dict(straight.unwrap(name).named_parameters())
+        for k, v in resumed.unwrap(name).named_parameters():
+            torch.testing.assert_close(v, a[k], rtol=0, atol=1e-6, msg=f"{name}.{k}")
+    for s, r in zip(straight.ema.shadow_params, resumed.ema.shadow_params):
+        torch.testing.assert_close(s, r, rtol=0, atol=1e-6)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tiny_teacher, tmp_path):
+    trainer = DMDTrainer(_config(tiny_teacher, tmp_path / "run", max_train_steps=3, checkpointing_steps=1))
+
+    def poison(module, inputs, output):
+        if trainer.global_step >= 1:
+            output.sample = output.sample * float("nan")
+        return output
+
+    trainer.unwrap("critic").denoiser.model.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match="checkpoint-000001"):
+        trainer.train()
+    ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [c.name for c in ckpts] == ["checkpoint-000001"]
+    assert (ckpts[0] / "models" / "generator" / "config.json").is_file()
+
+
+def test_bad_inputs_give_clear_errors(tiny_teacher, tmp_path):
+    from stepdistill.data.digits_models import classifier_path
+
+    with pytest.raises(ValueError, match="backward_simulation=True needs a multi-step student"):
+        _config(tiny_teacher, tmp_path, student_timesteps=[999], backward_simulation=True)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        _config(tiny_teacher, tmp_path, student_timesteps=[499, 999])
+    with pytest.raises(ModelFolderError):
+        DMDTrainer(_config(classifier_path(), tmp_path / "x"))
+    with pytest.raises(ModelFolderError):
+        DMDTrainer(_config(tiny_teacher / "scheduler", tmp_path / "y"))
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("teacher: t\nstudent_timestep: [999]\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_config(DMDConfig, ["--config", str(recipe)])
+
+
+def test_parse_config_yaml_then_cli_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("teacher: t\ngenerator_learning_rate: 1e-5\nstudent_timesteps: [999, 499]\nuse_ema: true\n")
+    cfg = parse_config(DMDConfig, ["--config", str(recipe), "--student_timesteps", "999", "666", "333",
+                                   "--use_ema", "false", "--real_guidance_scale", "none"])
+    assert cfg.generator_learning_rate == 1e-5 and cfg.student_timesteps == [999.0, 666.0, 333.0]
+    assert cfg.use_ema is False and cfg.real_guidance_scale is None and cfg.uses_backward_simulation
+    for recipe_file in sorted((ROOT / "recipes").glob("*.yaml")):
+        parse_config(DMDConfig, ["--config", str(recipe_file)])
+
+
+def test_accelerate_launch_two_processes_agree(tiny_teacher, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "training_scripts" / "train_dmd.py"),
+        "--teacher", str(tiny_teacher), "--output_dir", str(out), "--max_train_steps", "2",
+        "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--use_gan", "true",
+        "--critic_updates_per_generator_update", "1", "--lr_warmup_steps", "0", "--eval_num_samples", "0",
+        "--checkpointing_steps", "2", "--generator_learning_rate", "1e-3", "--critic_learning_rate", "1e-3",
+        "--student_timesteps", "999", "499",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    sums = summary["param_checksums"]
+    assert len(sums) == 2, sums
+    assert sums[0] == pytest.approx(sums[1], rel=0, abs=1e-9)
+    assert (out / "checkpoints" / "checkpoint-000002" / "trainer_rng_1.pt").is_file()
+    assert (out / "student" / "unet" / "config.json").is_file()
