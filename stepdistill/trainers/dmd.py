@@ -644,24 +644,11 @@ class DMDTrainer(DistillationTrainer):
         null_class = None
         if self.config.data != "unconditional":
             null_class = self.data.grid_conditioning(1).null_class_label
-        try:
-            from ..pipelines import export_student
-        except ImportError:  # pipelines module not available: plain diffusers folders
-            export_student = None
+        from ..pipelines import export_student
 
         def write(tmp: Path) -> None:
-            if export_student is not None:
-                base = {"scheduler": scheduler_config, "null_class_label": null_class}
-                export_student(net, base, self.student_timesteps, tmp, model_card=False)
-            else:
-                import diffusers
-
-                net.save_pretrained(tmp / "unet")
-                LCMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
-                index = {"_class_name": "StepDistillPipeline", "_diffusers_version": diffusers.__version__,
-                         "scheduler": ["diffusers", "LCMScheduler"],
-                         "unet": ["diffusers", type(net).__name__]}
-                (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+            base = {"scheduler": scheduler_config, "null_class_label": null_class}
+            export_student(net, base, self.student_timesteps, tmp)
             (tmp / "stepdistill_student.json").write_text(json.dumps(meta, indent=2) + "\n")
 
         return atomic_write_dir(folder, write)
