@@ -197,6 +197,11 @@ class NoiseSchedule(ABC):
         y, x = model_output.to(wd), x_t.to(wd)
         kind = self.prediction_type
         if kind == "epsilon":
+            if bool((alpha == 0).any()):
+                raise ValueError(
+                    "An epsilon-prediction model cannot give x0 where alpha_t = 0 (a zero-terminal-SNR schedule "
+                    "at its last timestep). Use a v_prediction or sample model there, or a timestep below the end."
+                )
             eps = y
             x0 = (x - s * eps) / a
         elif kind == "sample":

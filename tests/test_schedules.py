@@ -434,3 +434,20 @@ def test_float32_work_dtype_path(monkeypatch):
     x0_hat, eps_hat = sched.to_x0_eps(sched.target(x0, noise, t), x_t, t)
     torch.testing.assert_close(x0_hat, x0, atol=1e-5, rtol=0)
     torch.testing.assert_close(eps_hat, noise, atol=1e-5, rtol=0)
+
+
+def test_epsilon_at_zero_terminal_snr_is_a_clear_error():
+    from diffusers import DDPMScheduler
+
+    from stepdistill.schedules import NoiseSchedule
+
+    config = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon").config
+    sched = NoiseSchedule.from_scheduler_config(config)
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="alpha_t = 0"):
+        sched.to_x0_eps(torch.randn_like(x), x, 999)
+    x0, eps = sched.to_x0_eps(torch.randn_like(x), x, 998)  # just below the end is fine
+    assert torch.isfinite(x0).all() and torch.isfinite(eps).all()
+    v_sched = NoiseSchedule.from_scheduler_config(config, prediction_type="v_prediction")
+    x0, _ = v_sched.to_x0_eps(torch.randn_like(x), x, 999)
+    assert torch.isfinite(x0).all()
