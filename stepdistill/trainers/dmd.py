@@ -13,9 +13,10 @@ One iteration (``dmd.md`` §4.2), with ``N = critic_updates_per_generator_update
 (``uncond + w (cond - uncond)``) with the fake score's, normalise per sample, and push the result
 through the stop-gradient surrogate (:class:`~stepdistill.trainers.losses.DistributionMatchingLoss`).
 
-The generator and the fake score start as copies of the teacher (:meth:`DMDTrainer.init_from_teacher`
-is the seam where a shared-base LoRA mode will plug in). The GAN head reads the fake score's
-bottleneck through a forward hook (no patched ``forward``).
+The generator and the fake score start as copies of the teacher (:meth:`DMDTrainer.init_from_teacher`);
+with ``lora_rank > 0`` they are instead two LoRA adapters on one frozen copy of the teacher (see
+:mod:`stepdistill.trainers.lora`). The GAN head reads the fake score's bottleneck through a forward hook
+(no patched ``forward``).
 """
 
 from __future__ import annotations
@@ -102,6 +103,17 @@ class DMDConfig(TrainerConfig):
     null_class_label: int = field(default=10, metadata={"help": "Null class for data=uniform_labels."})
     sample_grid_size: int = field(default=20, metadata={"help": "Images per row block of the sample grid."})
     eval_num_samples: int = field(default=500, metadata={"help": "Samples for digits class accuracy (0: off)."})
+    lora_rank: int = field(
+        default=0,
+        metadata={"help": "0: generator and fake score are full copies of the teacher. > 0: shared-base mode, "
+                          "both are LoRA adapters of this rank on one frozen teacher network."},
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (None: lora_rank)."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names that get LoRA layers (None: resnet convs, time projections and "
+                          "attention projections)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +144,14 @@ class DMDConfig(TrainerConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.regression_loss_weight > 0 and len(ts) != 1:
             raise ValueError("The DMD1 regression loss is defined for one-step students; use one timestep.")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: full copies), got {self.lora_rank}.")
+        if self.lora_rank > 0 and self.use_gan:
+            raise ValueError(
+                "use_gan is not supported with lora_rank > 0 (shared-base LoRA mode): the GAN head's feature "
+                "hook would sit on the network shared with the teacher and generator. Use lora_rank=0 for DMD2 "
+                "with the GAN head, or drop use_gan."
+            )
         if self.real_guidance_scale is not None and self.real_guidance_scale < 0:
             raise ValueError(f"real_guidance_scale must be >= 0, got {self.real_guidance_scale}.")
 
@@ -313,12 +333,14 @@ class DMDTrainer(DistillationTrainer):
                     f"data={cfg.data!r} does not fit this teacher."
                 )
 
-        generator_net, fake_net = self.init_from_teacher(teacher)
-        self.generator = Denoiser.from_model(generator_net, self.schedule)
-        head = self._make_gan_head(Denoiser.from_model(fake_net, self.schedule)) if cfg.use_gan else None
-        self.critic = FakeScore(Denoiser.from_model(fake_net, self.schedule), head, cfg.gan_feature_module)
-
-        teacher.model.requires_grad_(False).eval().to(device=device, dtype=self.weight_dtype)
+        if cfg.lora_rank > 0:
+            teacher = self._init_shared_lora(teacher)
+        else:
+            generator_net, fake_net = self.init_from_teacher(teacher)
+            self.generator = Denoiser.from_model(generator_net, self.schedule)
+            head = self._make_gan_head(Denoiser.from_model(fake_net, self.schedule)) if cfg.use_gan else None
+            self.critic = FakeScore(Denoiser.from_model(fake_net, self.schedule), head, cfg.gan_feature_module)
+            teacher.model.requires_grad_(False).eval().to(device=device, dtype=self.weight_dtype)
         self.teacher = teacher
         self.generator.to(device)
         self.critic.to(device)
@@ -335,12 +357,34 @@ class DMDTrainer(DistillationTrainer):
     def init_from_teacher(self, teacher: Denoiser) -> tuple[nn.Module, nn.Module]:
         """Return fp32 ``(generator network, fake-score network)`` initialised from the teacher.
 
-        Full mode: two deep copies. (The shared-base LoRA mode will override this to return two
-        adapter views of one frozen network.)
+        Full mode (``lora_rank == 0``): two deep copies. The shared-base LoRA mode does not use this; it
+        goes through :meth:`_init_shared_lora` (:mod:`stepdistill.trainers.lora`).
         """
         gen = copy.deepcopy(teacher.model).float().train().requires_grad_(True)
         fake = copy.deepcopy(teacher.model).float().train().requires_grad_(True)
         return gen, fake
+
+    def _init_shared_lora(self, teacher: Denoiser) -> Denoiser:
+        """Shared-base mode: generator, fake score and teacher are views of ONE frozen fp32 network.
+
+        Sets ``self.generator`` / ``self.critic`` (LoRA-only parameters each) and returns the teacher view
+        (adapters disabled). See :mod:`stepdistill.trainers.lora`.
+        """
+        from .lora import make_shared_lora_denoisers
+
+        cfg = self.config
+        teacher_view, gen, fake = make_shared_lora_denoisers(
+            teacher, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules
+        )
+        teacher_view.model.to(self.accelerator.device)
+        self.generator = gen
+        self.critic = FakeScore(fake, None, cfg.gan_feature_module)
+        return teacher_view
+
+    @property
+    def shared_lora(self) -> bool:
+        """Whether generator and fake score are LoRA adapters on the teacher network."""
+        return self.config.lora_rank > 0
 
     def _resolve_guidance(self, cfg: DMDConfig) -> float:
         if cfg.real_guidance_scale is not None:
@@ -599,6 +643,10 @@ class DMDTrainer(DistillationTrainer):
     def student_network(self) -> nn.Module:
         """A standalone copy of the student network (EMA weights when EMA is on)."""
         with self.ema_weights():
+            if self.shared_lora:
+                from .lora import GENERATOR_ADAPTER, merged_network
+
+                return merged_network(self.generator.model, GENERATOR_ADAPTER).eval()
             return copy.deepcopy(self.unwrap("generator").model).eval()
 
     def save_models(self, folder: Path) -> None:
@@ -606,6 +654,14 @@ class DMDTrainer(DistillationTrainer):
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
+        if self.shared_lora:  # merged plain networks (the LoRA weights themselves live in the Accelerate state)
+            from .lora import FAKE_SCORE_ADAPTER, GENERATOR_ADAPTER, merged_network
+
+            merged_network(self.generator.model, GENERATOR_ADAPTER).save_pretrained(folder / "generator")
+            if self.ema is not None:
+                self.student_network().save_pretrained(folder / "generator_ema")
+            merged_network(self.generator.model, FAKE_SCORE_ADAPTER).save_pretrained(folder / "fake_score")
+            return
         self.unwrap("generator").model.save_pretrained(folder / "generator")
         if self.ema is not None:
             self.student_network().save_pretrained(folder / "generator_ema")
@@ -661,7 +717,10 @@ class DMDTrainer(DistillationTrainer):
         device = self.accelerator.device
         gens = make_generators(seeds)
         with self.ema_weights():
-            den = Denoiser.from_model(self.unwrap("generator").model, self.schedule).eval()
+            if self.shared_lora:
+                den = self.generator
+            else:
+                den = Denoiser.from_model(self.unwrap("generator").model, self.schedule).eval()
             z = initial_noise((len(seeds), *self.sample_shape), gens)
             out = sample_student(den, z.to(device), cond.to(device), self.student_timesteps, generator=gens)
         self.unwrap("generator").train()
