@@ -8,3 +8,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A random 1-channel 8x8 class-conditional v-prediction teacher folder (digits shapes, tiny widths)."""
+    from stepdistill.data.digits_models import teacher_unet
+    from stepdistill.trainers.digits_world import save_teacher
+
+    torch.manual_seed(0)
+    unet = teacher_unet(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    with torch.no_grad():  # diffusers zero-initialises the output conv; break it so gradients flow
+        for p in unet.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return save_teacher(unet, tmp_path_factory.mktemp("teacher") / "teacher", {"guidance_scale": 2.0})

@@ -13,31 +13,6 @@ from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
 from stepdistill.trainers.lora import parameter_memory_report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory) -> Path:
-    from stepdistill.data.digits_models import teacher_unet
-    from stepdistill.trainers.digits_world import save_teacher
-
-    torch.manual_seed(0)
-    unet = teacher_unet(
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return save_teacher(unet, tmp_path_factory.mktemp("teacher") / "teacher", {"guidance_scale": 2.0})
-
-
 def _config(teacher: Path, out: Path, **overrides) -> DMDConfig:
     base = dict(
         teacher=str(teacher), output_dir=str(out), max_train_steps=3, train_batch_size=4,

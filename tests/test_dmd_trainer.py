@@ -21,33 +21,6 @@ from stepdistill.trainers.losses import distribution_matching_gradient
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run far faster single-threaded on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory) -> Path:
-    """A random 1-channel 8x8 class-conditional v-prediction teacher (digits shapes, tiny widths)."""
-    from stepdistill.data.digits_models import teacher_unet
-    from stepdistill.trainers.digits_world import save_teacher
-
-    torch.manual_seed(0)
-    unet = teacher_unet(
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    with torch.no_grad():  # diffusers zero-initialises the output conv; break it so gradients flow
-        for p in unet.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return save_teacher(unet, tmp_path_factory.mktemp("teacher") / "teacher", {"guidance_scale": 2.0})
-
-
 def _config(teacher: Path, out: Path, **overrides) -> DMDConfig:
     base = dict(
         teacher=str(teacher), output_dir=str(out), max_train_steps=2, train_batch_size=4,
