@@ -150,14 +150,8 @@ def inputs(kind: Kind, seed: int = 0):
     return x, torch.tensor(kind.timesteps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with tm.one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def denoisers(_one_thread):
+def denoisers():
     """Build every tiny teacher once for the module."""
     return {name: Denoiser.from_model(kind.build(), kind.schedule()) for name, kind in KINDS.items()}
 

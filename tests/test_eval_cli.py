@@ -21,7 +21,6 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, LCMScheduler, UNet2DModel
 from PIL import Image
-from tiny_models import one_thread
 
 from stepdistill.data.digits import load_digits_split, to_uint8
 from stepdistill.data.digits_models import DigitsClassifier, teacher_scheduler, teacher_unet
@@ -40,12 +39,6 @@ TINY_UNET = dict(
 N = 70  # > 64 = the digits classifier's feature dimension, so FID is defined
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

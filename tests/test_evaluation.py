@@ -15,7 +15,6 @@ import scipy.linalg
 import torch
 from cleanfid import fid as cleanfid_fid
 from PIL import Image
-from tiny_models import one_thread
 
 from stepdistill.data.digits import load_digits_split, to_uint8
 from stepdistill.data.digits_models import DigitsClassifier
@@ -55,12 +54,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

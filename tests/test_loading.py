@@ -21,12 +21,6 @@ from stepdistill import (
 from stepdistill.loading import ModelFolderError, load_denoiser, resolve_model_folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with tm.one_thread():
-        yield
-
-
 def save_pipeline(root: Path, network, scheduler, subfolder: str = "unet") -> Path:
     """Write a minimal pipeline folder: model_index.json, the network and the scheduler."""
     root.mkdir(parents=True, exist_ok=True)
@@ -42,7 +36,7 @@ def save_pipeline(root: Path, network, scheduler, subfolder: str = "unet") -> Pa
 
 
 @pytest.fixture(scope="module")
-def unet_pipeline(tmp_path_factory, _one_thread):
+def unet_pipeline(tmp_path_factory):
     unet = tm.unet2d(class_conditional=True)
     sched = DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction")
     return save_pipeline(tmp_path_factory.mktemp("teacher"), unet, sched), unet

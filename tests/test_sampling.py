@@ -22,14 +22,8 @@ from stepdistill import (
 SHAPE = (2, tm.C, tm.H, tm.W)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with tm.one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def class_unet(_one_thread):
+def class_unet():
     return tm.unet2d(class_conditional=True)
 
 

@@ -7,8 +7,6 @@ Sizes are the smallest the diffusers blocks accept: 2 channels, 8x8, one layer p
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from diffusers import SD3Transformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
@@ -18,17 +16,6 @@ TEXT_LEN, TEXT_DIM, POOLED_DIM = 5, 12, 10
 NUM_CLASSES = 4  # UNet labels 0..3, null class 4
 NULL_CLASS = NUM_CLASSES
 DIT_CLASSES = 6  # DiT labels 0..5; its LabelEmbedding adds the null class 6
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch single-threaded: tiny models are ~100x slower with 2 OMP threads on 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _seeded(fn):
