@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes."""
+"""Small shared helpers: atomic writes of folders and files."""
 
 from __future__ import annotations
 
@@ -36,3 +36,23 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_save_pretrained(obj, target: str | Path, **kwargs) -> Path:
     """``obj.save_pretrained`` into ``target`` atomically (models, schedulers, pipelines)."""
     return atomic_write_dir(target, lambda tmp: obj.save_pretrained(tmp, **kwargs))
+
+
+def atomic_write_file(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a temporary sibling that is then renamed onto ``target``.
+
+    A crash while writing leaves any previous ``target`` intact (the temporary file is removed).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        tmp.chmod(0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

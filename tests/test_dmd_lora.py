@@ -83,3 +83,25 @@ def test_lora_config_errors(tiny_teacher, tmp_path):
         _config(tiny_teacher, tmp_path, use_gan=True)
     with pytest.raises(ValueError, match="lora_rank must be >= 0"):
         _config(tiny_teacher, tmp_path, lora_rank=-1)
+
+
+def test_shared_lora_gradient_checkpointing_reaches_the_shared_network(tiny_teacher, tmp_path):
+    trainer = DMDTrainer(_config(tiny_teacher, tmp_path / "run", lora_rank=4, gradient_checkpointing=True))
+    shared = trainer.generator.model
+    assert shared is trainer.unwrap("critic").denoiser.model  # one network for every role
+    assert shared.is_gradient_checkpointing
+    plain = DMDTrainer(_config(tiny_teacher, tmp_path / "run2", lora_rank=4))
+    assert not plain.generator.model.is_gradient_checkpointing
+
+
+def test_shared_lora_gradient_checkpointing_gives_the_same_training(tiny_teacher, tmp_path):
+    """Checkpointed blocks are recomputed in backward; they must use the adapter of their forward."""
+    results = []
+    for gc in (False, True):
+        trainer = DMDTrainer(_config(tiny_teacher, tmp_path / f"run{gc}", gradient_checkpointing=gc))
+        for step in range(2):
+            trainer.training_step(step)
+        results.append([p.detach().clone() for name in ("generator", "critic")
+                        for p in trainer.unwrap(name).parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -180,14 +180,16 @@ def test_parse_config_yaml_then_cli_overrides(tmp_path):
         parse_config(DMDConfig, ["--config", str(recipe_file)])
 
 
-def test_accelerate_launch_two_processes_agree(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("mode", ["full_gan", "shared_lora"])
+def test_accelerate_launch_two_processes_agree(tiny_teacher, tmp_path, mode):
     out = tmp_path / "ddp"
+    extra = ["--use_gan", "true"] if mode == "full_gan" else ["--lora_rank", "4", "--gradient_checkpointing", "true"]
     cmd = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "training_scripts" / "train_dmd.py"),
         "--teacher", str(tiny_teacher), "--output_dir", str(out), "--max_train_steps", "2",
-        "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--use_gan", "true",
+        "--train_batch_size", "2", "--gradient_accumulation_steps", "2", *extra,
         "--critic_updates_per_generator_update", "1", "--lr_warmup_steps", "0", "--eval_num_samples", "0",
         "--checkpointing_steps", "2", "--generator_learning_rate", "1e-3", "--critic_learning_rate", "1e-3",
         "--student_timesteps", "999", "499",
@@ -201,3 +203,19 @@ def test_accelerate_launch_two_processes_agree(tiny_teacher, tmp_path):
     assert sums[0] == pytest.approx(sums[1], rel=0, abs=1e-9)
     assert (out / "checkpoints" / "checkpoint-000002" / "trainer_rng_1.pt").is_file()
     assert (out / "student" / "unet" / "config.json").is_file()
+
+
+def test_gan_head_keeps_enough_channels_per_group_to_discriminate():
+    """At 1x1 the head's last GroupNorm must not normalise tiny groups: with 2 channels per group every output
+    is +-1 (only the sign of a channel difference survives), which left the digits discriminator at chance."""
+    from stepdistill.trainers.dmd import GANHead, gan_head_groups
+
+    assert gan_head_groups(1280) == 32 and gan_head_groups(64) == 4 and gan_head_groups(16) == 1
+    torch.manual_seed(0)
+    head = GANHead(64, 2)
+    norms = [m for m in head.net if isinstance(m, torch.nn.GroupNorm)]
+    seen = []
+    norms[-1].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    head(torch.randn(16, 64, 2, 2))
+    magnitudes = seen[-1].abs().flatten()
+    assert magnitudes.std() > 0.2, "GroupNorm over 1x1 maps saturates to +-1: too few channels per group"

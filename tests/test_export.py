@@ -26,7 +26,8 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tiny_models import clip_text_encoder, clip_tokenizer, randomize, tiny_vae, write_clip_tokenizer
+from transformers import CLIPTokenizer
 
 from stepdistill import Conditioning, Denoiser, NoiseSchedule, initial_noise, make_generators, sample_student
 from stepdistill.pipelines import (
@@ -61,76 +62,25 @@ SD_SCHEDULER = dict(
 
 # ---------------------------------------------------------------------------------------------------------
 # tiny components
-def _bytes_alphabet() -> list[str]:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    codes, n = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            codes.append(256 + n)
-            n += 1
-    return [chr(c) for c in codes]
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """A CLIP BPE tokenizer with the byte-level alphabet, no merges, and CLIP's two special tokens."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    chars = _bytes_alphabet()
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return folder
+    return write_clip_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def _tokenizer(folder) -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_LEN)
+    return clip_tokenizer(folder, MAX_LEN)
 
 
-def _randomize(model):
-    """Seeded weights; diffusers zero-initialises some output layers, which would make the test vacuous."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.1)
-    return model.eval()
+_randomize = randomize
 
 
 def _text_encoder(seed: int, projection: bool = False, hidden: int = 16):
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=514,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_LEN,
-        projection_dim=8,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    return clip_text_encoder(seed, projection, hidden, MAX_LEN)
 
 
 def _vae(**extra) -> AutoencoderKL:
-    torch.manual_seed(1)
-    return _randomize(
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=16,
-            **extra,
-        )
-    )
+    return tiny_vae(**extra)
 
 
 def _unet(cross_attention_dim: int, **extra) -> UNet2DConditionModel:

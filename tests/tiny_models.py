@@ -136,3 +136,78 @@ def text_cond(batch: int, sdxl: bool = False, pooled: bool = False, seed: int = 
     if sdxl:
         kwargs["time_ids"] = torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]]).repeat(batch, 1)
     return Conditioning(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# text and latent components for SD-family pipeline folders (random weights, no hub)
+TOKENIZER_MAX_LEN = 16
+
+
+def _bytes_alphabet() -> list[str]:
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    codes, n = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            codes.append(256 + n)
+            n += 1
+    return [chr(c) for c in codes]
+
+
+def write_clip_tokenizer(folder):
+    """Write a CLIP BPE tokenizer (byte-level alphabet, no merges, CLIP's two special tokens) to ``folder``."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_alphabet()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
+def clip_tokenizer(folder, max_len: int = TOKENIZER_MAX_LEN):
+    """Load the tokenizer written by :func:`write_clip_tokenizer`."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=max_len)
+
+
+def clip_text_encoder(seed: int, projection: bool = False, hidden: int = 16, max_len: int = TOKENIZER_MAX_LEN):
+    """A 2-layer CLIP text encoder (with a projection for SDXL's second / SD3's encoders)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=514, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=max_len, projection_dim=8,
+        bos_token_id=512, eos_token_id=513, pad_token_id=513,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def randomize(model):
+    """Seeded weights for diffusers' zero-initialised output layers (else tests would be vacuous)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def tiny_vae(**extra):
+    """A 2-block ``AutoencoderKL``: 3-channel 16x16 pixels <-> 4-channel 8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return randomize(AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+        **extra,
+    ))

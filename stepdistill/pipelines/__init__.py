@@ -17,6 +17,7 @@ from .export import (
     teacher_kind,
     write_model_card,
 )
+from .pipeline_hybrid import HybridDiversityPipeline, HybridDiversityPipelineOutput, HybridPlan, sample_hybrid
 from .pipeline_stepdistill import (
     StepDistillPipeline,
     StepDistillPipelineOutput,
@@ -25,7 +26,7 @@ from .pipeline_stepdistill import (
 
 
 def register_with_diffusers() -> None:
-    """Expose :class:`StepDistillPipeline` as ``diffusers.StepDistillPipeline``.
+    """Expose :class:`StepDistillPipeline` (and :class:`HybridDiversityPipeline`) as attributes of ``diffusers``.
 
     ``DiffusionPipeline.from_pretrained(folder)`` resolves the ``_class_name`` of ``model_index.json`` as an
     attribute of the ``diffusers`` module (custom classes otherwise need ``custom_pipeline=`` and
@@ -35,14 +36,18 @@ def register_with_diffusers() -> None:
     """
     import diffusers
 
-    if getattr(diffusers, StepDistillPipeline.__name__, None) is None:
-        setattr(diffusers, StepDistillPipeline.__name__, StepDistillPipeline)
+    for cls in (StepDistillPipeline, HybridDiversityPipeline):
+        if getattr(diffusers, cls.__name__, None) is None:
+            setattr(diffusers, cls.__name__, cls)
 
 
 register_with_diffusers()
 
 __all__ = [
     "ExportResult",
+    "HybridDiversityPipeline",
+    "HybridDiversityPipelineOutput",
+    "HybridPlan",
     "StepDistillPipeline",
     "StepDistillPipelineOutput",
     "export_stable_diffusion",
@@ -55,6 +60,7 @@ __all__ = [
     "lcm_original_inference_steps",
     "lcm_scheduler_for_student",
     "register_with_diffusers",
+    "sample_hybrid",
     "teacher_kind",
     "write_model_card",
 ]

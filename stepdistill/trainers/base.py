@@ -108,6 +108,32 @@ class TrainerConfig:
     report_to: str = field(default="none", metadata={"help": "accelerate tracker (tensorboard, wandb, ...) or none."})
     tracker_project_name: str = field(default="stepdistill", metadata={"help": "Tracker project name."})
     export: bool = field(default=True, metadata={"help": "Export the student as a pipeline folder at the end."})
+    # data: conditioning (and real images) -- see stepdistill.trainers.data
+    data: str = field(
+        default="digits",
+        metadata={"help": "Conditions / real images: digits | uniform_labels | unconditional | prompts | dataset."},
+    )
+    prompts: str | None = field(
+        default=None, metadata={"help": "data=prompts: a .txt file (one prompt per line), csv/json/parquet, or a "
+                                        "save_to_disk folder."}
+    )
+    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column (default: prompt/text/caption)."})
+    dataset: str | None = field(
+        default=None, metadata={"help": "data=dataset: an image folder (imagefolder), csv/json with image paths, or "
+                                        "a save_to_disk folder (real images for the GAN / noised inputs)."}
+    )
+    data_split: str = field(default="train", metadata={"help": "Split of a multi-split dataset."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: image/file_name/...)."})
+    caption_column: str | None = field(
+        default=None, metadata={"help": "Caption column for text teachers (default: prompt/text/caption)."}
+    )
+    label_column: str | None = field(default=None, metadata={"help": "Class-label column (default: label/class)."})
+    sample_shape: list[int] | None = field(
+        default=None, metadata={"help": "[C, H, W] of the teacher's inputs (default: from its config's in_channels "
+                                        "and sample_size; needed for custom modules)."}
+    )
+    num_classes: int = field(default=10, metadata={"help": "Classes for data=uniform_labels."})
+    null_class_label: int = field(default=10, metadata={"help": "The teacher's null class (CFG on labels)."})
 
     def __post_init__(self) -> None:
         positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
@@ -126,6 +152,16 @@ class TrainerConfig:
             raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}.")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
+        from .data import DATA_SOURCES
+
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"data must be one of {list(DATA_SOURCES)}, got {self.data!r}.")
+        if self.data == "prompts" and not self.prompts:
+            raise ValueError("data=prompts needs --prompts <file.txt | csv/json/parquet | save_to_disk folder>.")
+        if self.data == "dataset" and not self.dataset:
+            raise ValueError("data=dataset needs --dataset <image folder | csv/json | save_to_disk folder>.")
+        if self.sample_shape is not None and (len(self.sample_shape) != 3 or min(self.sample_shape) < 1):
+            raise ValueError(f"sample_shape must be [C, H, W] with positive entries, got {self.sample_shape}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
@@ -348,6 +384,15 @@ class _RNGHolder:
             g.set_state(state[k])
 
 
+def _networks(module: nn.Module) -> list[nn.Module]:
+    """``module.modules()`` plus those of a network it wraps without registering it (a shared-LoRA view)."""
+    found = list(module.modules())
+    inner = module.__dict__.get("model")
+    if isinstance(inner, nn.Module):
+        found += list(inner.modules())
+    return found
+
+
 class DistillationTrainer:
     """Base trainer: Accelerate setup, the iteration loop, checkpoints, logging, EMA, sample grids.
 
@@ -361,12 +406,16 @@ class DistillationTrainer:
     Args:
         config: The method's config (a :class:`TrainerConfig` subclass).
         accelerator: An existing ``Accelerator`` (one is created from ``config`` otherwise).
+        teacher: A ready :class:`~stepdistill.denoiser.Denoiser` to distill instead of loading
+            ``config.teacher`` from a folder -- the way to bring any custom torch module
+            (``Denoiser.from_model(module, schedule)``).
     """
 
-    def __init__(self, config: TrainerConfig, accelerator=None) -> None:
+    def __init__(self, config: TrainerConfig, accelerator=None, teacher=None) -> None:
         from accelerate.utils import set_seed
 
         self.config = config
+        self.teacher_override = teacher
         self.accelerator = accelerator if accelerator is not None else self._make_accelerator()
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
@@ -411,16 +460,18 @@ class DistillationTrainer:
         raise NotImplementedError
 
     def add_trainable(self, name: str, module: nn.Module, learning_rate: float) -> None:
-        """Register a trainable module: fp32 weights, its own AdamW optimizer and LR schedule."""
+        """Register a trainable module: fp32 trainable weights, its own AdamW optimizer and LR schedule."""
         from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
 
         cfg = self.config
-        module.float().train()
+        module.train()
+        cast_training_params(module, dtype=torch.float32)  # frozen parts (e.g. a shared LoRA base) keep their dtype
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"Trainable module {name!r} has no parameters that require grad.")
         if cfg.gradient_checkpointing:
-            for m in module.modules():
+            for m in _networks(module):
                 if hasattr(m, "enable_gradient_checkpointing") and getattr(m, "_supports_gradient_checkpointing", 0):
                     m.enable_gradient_checkpointing()
         if cfg.enable_xformers_memory_efficient_attention:
@@ -441,7 +492,7 @@ class DistillationTrainer:
         except ImportError:
             logger.warning("xformers is not installed: keeping PyTorch scaled-dot-product attention.")
             return
-        for m in module.modules():
+        for m in _networks(module):
             if hasattr(m, "enable_xformers_memory_efficient_attention"):
                 m.enable_xformers_memory_efficient_attention()
                 return

@@ -21,6 +21,7 @@ with ``lora_rank > 0`` they are instead two LoRA adapters on one frozen copy of 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -39,21 +40,18 @@ from ..schedules import NoiseSchedule, VPSchedule
 from ..utils import atomic_write_dir
 from .base import (
     ConditionSource,
-    DigitsSource,
     DistillationTrainer,
     TrainerConfig,
-    UnconditionalSource,
-    UniformLabelSource,
 )
 from .losses import (
+    REGRESSION_DISTANCES,
     DenoisingScoreMatchingLoss,
     DistributionMatchingLoss,
     GANDiscriminatorLoss,
     GANGeneratorLoss,
     MSEDistance,
+    build_regression_distance,
 )
-
-DATA_SOURCES = ("digits", "uniform_labels", "unconditional")
 
 
 @dataclass
@@ -95,18 +93,43 @@ class DMDConfig(TrainerConfig):
         default=0.0, metadata={"help": "DMD1 regression weight on teacher ODE pairs (0: off; paper 0.25)."}
     )
     num_regression_pairs: int = field(
-        default=1024, metadata={"help": "Teacher ODE pairs generated at start when regression is on."}
+        default=1024,
+        metadata={"help": "Teacher ODE pairs generated at start when regression is on (not with regression_pairs: "
+                          "the file's count is used)."},
     )
     regression_teacher_steps: int = field(default=50, metadata={"help": "Teacher sampler steps for the pairs."})
-    data: str = field(default="digits", metadata={"help": f"Condition / real-image source: {list(DATA_SOURCES)}."})
-    num_classes: int = field(default=10, metadata={"help": "Classes for data=uniform_labels."})
-    null_class_label: int = field(default=10, metadata={"help": "Null class for data=uniform_labels."})
+    regression_pairs: str | None = field(
+        default=None,
+        metadata={"help": "A pairs file from training_scripts/generate_pairs.py, loaded instead of generating pairs "
+                          "at start (checked against the teacher)."},
+    )
+    regression_pairs_verify: int = field(
+        default=1,
+        metadata={"help": "Pairs of the regression_pairs file re-generated at start to check that this teacher "
+                          "made them (0: skip)."},
+    )
+    regression_distance: str = field(
+        default="mse", metadata={"help": f"DMD1 regression distance: {list(REGRESSION_DISTANCES)}."}
+    )
+    regression_lpips_weights: str | None = field(
+        default=None,
+        metadata={"help": "Local LPIPS state dict (backbone + linear layers) for regression_distance=lpips; "
+                          "nothing is downloaded."},
+    )
+    regression_pixel_weight: float = field(
+        default=0.0, metadata={"help": "Pixel MSE added to a perceptual regression distance (0: none)."}
+    )
     sample_grid_size: int = field(default=20, metadata={"help": "Images per row block of the sample grid."})
     eval_num_samples: int = field(default=500, metadata={"help": "Samples for digits class accuracy (0: off)."})
     lora_rank: int = field(
         default=0,
         metadata={"help": "0: generator and fake score are full copies of the teacher. > 0: shared-base mode, "
                           "both are LoRA adapters of this rank on one frozen teacher network."},
+    )
+    init_generator: str | None = field(
+        default=None,
+        metadata={"help": "Start the generator from this network / student folder instead of the teacher (DMD2 "
+                          "SD1.5 stage 2 from stage 1; SDXL 1-step from a regression-pretrained generator)."},
     )
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (None: lora_rank)."})
     lora_target_modules: list[str] | None = field(
@@ -134,18 +157,37 @@ class DMDConfig(TrainerConfig):
                 f"Need 0 <= min_step_percent < max_step_percent <= 1, got {self.min_step_percent}, "
                 f"{self.max_step_percent}."
             )
-        if self.data not in DATA_SOURCES:
-            raise ValueError(f"data must be one of {list(DATA_SOURCES)}, got {self.data!r}.")
-        if self.use_gan and self.data != "digits":
-            raise ValueError(f"use_gan needs real images; data={self.data!r} has none (use data=digits).")
+        if self.use_gan and self.data not in ("digits", "dataset"):
+            raise ValueError(
+                f"use_gan needs real images; data={self.data!r} has none (use data=digits, or data=dataset "
+                "with --dataset <image folder>)."
+            )
         for name in ("dm_loss_weight", "gan_generator_loss_weight", "gan_critic_loss_weight",
                      "regression_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.regression_loss_weight > 0 and len(ts) != 1:
             raise ValueError("The DMD1 regression loss is defined for one-step students; use one timestep.")
+        if self.regression_distance not in REGRESSION_DISTANCES:
+            raise ValueError(f"regression_distance must be one of {list(REGRESSION_DISTANCES)}, "
+                             f"got {self.regression_distance!r}.")
+        if self.regression_pixel_weight < 0:
+            raise ValueError(f"regression_pixel_weight must be >= 0, got {self.regression_pixel_weight}.")
+        if self.regression_pixel_weight > 0 and self.regression_distance == "mse":
+            raise ValueError("regression_pixel_weight adds a pixel MSE to a perceptual distance; with "
+                             "regression_distance=mse set it to 0.")
+        if self.regression_distance == "lpips" and not self.regression_lpips_weights:
+            raise ValueError("regression_distance=lpips needs --regression_lpips_weights <local LPIPS state dict> "
+                             "(see stepdistill.trainers.losses.LPIPSDistance for how to make one).")
+        if self.regression_pairs and self.regression_loss_weight == 0:
+            raise ValueError("regression_pairs is set but regression_loss_weight is 0, so the pairs would be unused: "
+                             "set --regression_loss_weight (DMD1: 0.25) or drop regression_pairs.")
+        if self.regression_pairs_verify < 0:
+            raise ValueError(f"regression_pairs_verify must be >= 0, got {self.regression_pairs_verify}.")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0: full copies), got {self.lora_rank}.")
+        if self.lora_rank > 0 and self.init_generator:
+            raise ValueError("init_generator is for full mode (lora_rank=0); a LoRA generator starts at the teacher.")
         if self.lora_rank > 0 and self.use_gan:
             raise ValueError(
                 "use_gan is not supported with lora_rank > 0 (shared-base LoRA mode): the GAN head's feature "
@@ -165,6 +207,19 @@ class DMDConfig(TrainerConfig):
 
 # --------------------------------------------------------------------------------------------------
 # networks
+def gan_head_groups(channels: int) -> int:
+    """GroupNorm groups for the GAN head: up to 32, with at least 16 channels per group.
+
+    The head's last GroupNorm sees 1x1 maps, where a group of 2 channels normalises to +-1 and erases
+    the features (a digits-size bottleneck of 64 channels with 32 groups could not tell blurry from real
+    digits); SD's 1280 channels keep DMD2's 32 groups.
+    """
+    for groups in (32, 16, 8, 4, 2):
+        if channels % groups == 0 and channels // groups >= 16:
+            return groups
+    return 1
+
+
 class GANHead(nn.Module):
     """DMD2's classifier branch (``dmd.md`` §7): stride-2 conv blocks down to <= 4x4, a conv to 1x1, a logit.
 
@@ -175,7 +230,7 @@ class GANHead(nn.Module):
 
     def __init__(self, channels: int, size: int) -> None:
         super().__init__()
-        groups = math.gcd(32, channels)
+        groups = gan_head_groups(channels)
         layers: list[nn.Module] = []
         while size > 4:
             layers += [nn.Conv2d(channels, channels, 4, 2, 1), nn.GroupNorm(groups, channels), nn.SiLU()]
@@ -316,15 +371,17 @@ class DMDTrainer(DistillationTrainer):
     def build(self) -> None:
         """Load the teacher, copy it into generator and fake score, set up data, EMA and DMD1 pairs."""
         cfg, device = self.config, self.accelerator.device
-        if not cfg.teacher:
+        if self.teacher_override is not None:
+            teacher = self.teacher_override
+        elif not cfg.teacher:
             raise ValueError("No teacher: pass --teacher <pipeline folder> (e.g. stepdistill/assets/digits/teacher).")
-        teacher = load_denoiser(cfg.teacher)
+        else:
+            teacher = load_denoiser(cfg.teacher)
         self.schedule = teacher.schedule
         self.student_timesteps = self.schedule.validate_timesteps(cfg.student_timesteps)
         self.guidance_scale = self._resolve_guidance(cfg)
-        self.data = self._make_data_source(cfg)
-        model_cfg = teacher.model.config
-        self.sample_shape = (int(model_cfg.in_channels), int(model_cfg.sample_size), int(model_cfg.sample_size))
+        self.data = self._make_data_source(cfg, teacher.model)
+        self.sample_shape = self._sample_shape(teacher.model)
         if self.data.has_images:
             _, imgs = self.data.sample(1, torch.Generator().manual_seed(0))
             if tuple(imgs.shape[1:]) != self.sample_shape:
@@ -352,7 +409,13 @@ class DMDTrainer(DistillationTrainer):
         self.dsm_loss = DenoisingScoreMatchingLoss()
         self.gan_g_loss, self.gan_d_loss = GANGeneratorLoss(), GANDiscriminatorLoss()
         self.regression_distance = MSEDistance()
-        self.regression_pairs = self._make_regression_pairs() if cfg.regression_loss_weight > 0 else None
+        self.regression_pairs = None
+        if cfg.regression_loss_weight > 0:
+            self.regression_distance = build_regression_distance(
+                cfg.regression_distance, cfg.regression_lpips_weights, cfg.regression_pixel_weight
+            ).to(device)
+            self.regression_distance.check_sample_shape(self.sample_shape)
+            self.regression_pairs = self._make_regression_pairs()
 
     def init_from_teacher(self, teacher: Denoiser) -> tuple[nn.Module, nn.Module]:
         """Return fp32 ``(generator network, fake-score network)`` initialised from the teacher.
@@ -362,10 +425,37 @@ class DMDTrainer(DistillationTrainer):
         """
         gen = copy.deepcopy(teacher.model).float().train().requires_grad_(True)
         fake = copy.deepcopy(teacher.model).float().train().requires_grad_(True)
+        if self.config.init_generator:
+            gen = self._load_init_generator(gen)
         return gen, fake
 
+    def _load_init_generator(self, like: nn.Module) -> nn.Module:
+        """Weights of ``config.init_generator`` (a model folder, or a pipeline / student / run folder)."""
+        from ..loading import load_network
+
+        path = Path(self.config.init_generator)
+        for candidate in (path, path / "student", path / "generator_ema", path / "generator"):
+            try:
+                folder, _ = resolve_model_folder(candidate)
+            except ValueError:
+                continue
+            net = load_network(folder)
+            arch = lambda m: {k: v for k, v in dict(m.config).items() if not k.startswith("_")}  # noqa: E731
+            if type(net) is not type(like) or arch(net) != arch(like):
+                raise ValueError(
+                    f"init_generator {str(folder)!r} holds a {type(net).__name__} whose config differs from the "
+                    f"teacher's {type(like).__name__}: the generator must have the teacher's architecture."
+                )
+            return net.float().train().requires_grad_(True)
+        raise ValueError(
+            f"init_generator {str(path)!r} holds no diffusers network (looked in it and in student/, "
+            "generator_ema/, generator/). Pass an exported student folder or a checkpoint's models/generator."
+        )
+
     def _init_shared_lora(self, teacher: Denoiser) -> Denoiser:
-        """Shared-base mode: generator, fake score and teacher are views of ONE frozen fp32 network.
+        """Shared-base mode: generator, fake score and teacher are views of ONE frozen network.
+
+        Its base weights are in the mixed-precision dtype (like the full-mode teacher), the adapters in fp32.
 
         Sets ``self.generator`` / ``self.critic`` (LoRA-only parameters each) and returns the teacher view
         (adapters disabled). See :mod:`stepdistill.trainers.lora`.
@@ -374,32 +464,67 @@ class DMDTrainer(DistillationTrainer):
 
         cfg = self.config
         teacher_view, gen, fake = make_shared_lora_denoisers(
-            teacher, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules
+            teacher, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, base_dtype=self.weight_dtype
         )
         teacher_view.model.to(self.accelerator.device)
         self.generator = gen
         self.critic = FakeScore(fake, None, cfg.gan_feature_module)
         return teacher_view
 
+    def role(self, name: str):
+        """Context with ``name``'s adapter active on the shared network (no-op in full mode).
+
+        Backward passes run inside it: with gradient checkpointing the shared network's blocks are
+        recomputed during backward, and must be recomputed with the adapter that ran the forward.
+        """
+        if not self.shared_lora:
+            return contextlib.nullcontext()
+        from .lora import FAKE_SCORE_ADAPTER, GENERATOR_ADAPTER, active_adapter
+
+        adapter = {"generator": GENERATOR_ADAPTER, "critic": FAKE_SCORE_ADAPTER}[name]
+        return active_adapter(self.generator.model, adapter)
+
     @property
     def shared_lora(self) -> bool:
         """Whether generator and fake score are LoRA adapters on the teacher network."""
         return self.config.lora_rank > 0
 
+    def _sample_shape(self, network: nn.Module) -> tuple[int, int, int]:
+        if self.config.sample_shape is not None:
+            return tuple(int(v) for v in self.config.sample_shape)
+        model_cfg = getattr(network, "config", None)
+        channels, size = getattr(model_cfg, "in_channels", None), getattr(model_cfg, "sample_size", None)
+        if channels is None or size is None:
+            raise ValueError(
+                f"Cannot tell the input shape of the teacher network {type(network).__name__} (no config with "
+                "in_channels and sample_size): set sample_shape: [C, H, W] in the config."
+            )
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(channels), int(h), int(w)
+
+    def _teacher_root(self) -> Path | None:
+        """The teacher's pipeline folder (None for a teacher passed as a module)."""
+        if self.teacher_override is not None or not self.config.teacher:
+            return None
+        folder, _ = resolve_model_folder(self.config.teacher)
+        return folder.parent if (folder.parent / "model_index.json").is_file() else Path(self.config.teacher)
+
     def _resolve_guidance(self, cfg: DMDConfig) -> float:
         if cfg.real_guidance_scale is not None:
             return float(cfg.real_guidance_scale)
         meta = Path(cfg.teacher) / "stepdistill_teacher.json"
-        if meta.is_file():
+        if cfg.teacher and meta.is_file():
             return float(json.loads(meta.read_text()).get("guidance_scale", 1.0))
         return 1.0
 
-    def _make_data_source(self, cfg: DMDConfig) -> ConditionSource:
-        if cfg.data == "digits":
-            return DigitsSource()
-        if cfg.data == "uniform_labels":
-            return UniformLabelSource(cfg.num_classes, cfg.null_class_label)
-        return UnconditionalSource()
+    def _make_data_source(self, cfg: DMDConfig, network: nn.Module) -> ConditionSource:
+        from .data import make_data_source
+
+        root = self._teacher_root()
+        if root is None and cfg.data in ("prompts", "dataset"):
+            raise ValueError(f"data={cfg.data!r} needs a teacher pipeline folder (--teacher) for its text encoder "
+                             "/ VAE; a teacher passed as a module works with digits, uniform_labels, unconditional.")
+        return make_data_source(cfg, root, network, self.accelerator.device, self.weight_dtype)
 
     def _make_gan_head(self, fake: Denoiser) -> GANHead:
         """Size the head from one dry-run forward of the fake-score network."""
@@ -422,22 +547,45 @@ class DMDTrainer(DistillationTrainer):
             )
         return GANHead(int(feats.shape[1]), int(feats.shape[2]))
 
-    def _make_regression_pairs(self) -> dict[str, torch.Tensor]:
-        """DMD1 (``dmd.md`` §6): teacher ODE pairs ``(z, cond, y)`` generated once, identical on all ranks."""
-        from ..sampling import sample_teacher
+    def _make_regression_pairs(self) -> dict[str, torch.Tensor | Conditioning]:
+        """DMD1 (``dmd.md`` §6): teacher ODE pairs ``{"z", "cond", "y"}``, identical on all ranks.
+
+        With ``regression_pairs`` they are read from that file and checked against this teacher and data
+        source (:func:`~stepdistill.trainers.pairs.check_pairs_match_teacher`); otherwise the same
+        :func:`~stepdistill.trainers.pairs.generate_regression_pairs` that ``generate_pairs.py`` runs makes
+        ``num_regression_pairs`` of them here (seed ``seed + 4242``), so a file made from the same recipe
+        holds exactly these pairs.
+        """
+        from .pairs import (
+            check_pairs_match_teacher,
+            default_pairs_seed,
+            generate_regression_pairs,
+            load_regression_pairs,
+        )
 
         cfg = self.config
-        g = torch.Generator().manual_seed(cfg.seed + 4242)
-        cond, _ = self.data.sample(cfg.num_regression_pairs, g)
-        z = torch.randn(cfg.num_regression_pairs, *self.sample_shape, generator=g)
-        ys = []
-        for i in range(0, cfg.num_regression_pairs, 256):
-            sl = slice(i, i + 256)
-            c = cond.select(sl).to(self.accelerator.device)
-            ys.append(sample_teacher(self.teacher, z[sl].to(self.accelerator.device), c,
-                                     num_inference_steps=cfg.regression_teacher_steps,
-                                     guidance_scale=self.guidance_scale).cpu())
-        return {"z": z, "cond": cond, "y": torch.cat(ys)}
+        if cfg.regression_pairs:
+            pairs = load_regression_pairs(cfg.regression_pairs)
+            example, _ = self.data.sample(1, torch.Generator().manual_seed(0))
+            check_pairs_match_teacher(pairs, self.teacher, self.sample_shape, example, cfg.regression_pairs_verify,
+                                      where=f"regression_pairs={cfg.regression_pairs!r}")
+            import warnings
+
+            made_with = pairs.metadata.get("guidance_scale")
+            if made_with is not None and not math.isclose(float(made_with), self.guidance_scale):
+                warnings.warn(f"regression_pairs were made with teacher guidance {made_with} but the real score "
+                              f"uses {self.guidance_scale}.", stacklevel=2)
+            if pairs.metadata.get("data") not in (None, cfg.data):
+                warnings.warn(f"regression_pairs were made with data={pairs.metadata['data']!r} conditions but this "
+                              f"run uses data={cfg.data!r}.", stacklevel=2)
+        else:
+            pairs = generate_regression_pairs(
+                self.teacher, self.data, cfg.num_regression_pairs, self.sample_shape, cfg.regression_teacher_steps,
+                self.guidance_scale, default_pairs_seed(cfg.seed), device=self.accelerator.device,
+                metadata={"teacher": str(cfg.teacher), "data": cfg.data},
+            )
+        self.regression_pairs_metadata = pairs.metadata
+        return pairs.trainer_pairs()
 
     # ----------------------------------------------------------------------------------------------
     # generator side
@@ -618,7 +766,8 @@ class DMDTrainer(DistillationTrainer):
                         else:
                             x = self.generate(cond, grad=True)
                             loss, parts = self.generator_loss(x, cond, None, diagnostics)
-                        self.backward(loss)
+                        with self.role("generator"):
+                            self.backward(loss)
                     add(parts)
                 else:
                     x = self.generate(cond, grad=False)
@@ -632,7 +781,8 @@ class DMDTrainer(DistillationTrainer):
         for micro, (x, cond, real, real_cond) in enumerate(samples):
             with self.sync_context("critic", micro):
                 loss, parts = self.critic_loss(x, cond, real, real_cond)
-                self.backward(loss)
+                with self.role("critic"):
+                    self.backward(loss)
             add(parts)
         add({"grad_norm/critic": torch.tensor(self.optimizer_step("critic"))})
         self.zero_grad()
@@ -691,19 +841,36 @@ class DMDTrainer(DistillationTrainer):
         ``unet/`` + ``scheduler/`` + ``model_index.json``. Either way ``stepdistill_student.json``
         records the timesteps and how the student was trained. Written atomically.
         """
-        from diffusers import LCMScheduler
+        from diffusers import LCMScheduler, ModelMixin
+
+        from ..pipelines import export_student, teacher_kind
 
         net = self.student_network()
-        _, sched_folder = resolve_model_folder(self.config.teacher)
-        scheduler_config = dict(LCMScheduler.load_config(sched_folder))
         meta = self.student_metadata()
+        root = self._teacher_root()
+        if not isinstance(net, ModelMixin):  # a custom torch module: weights + metadata, no pipeline
+            from safetensors.torch import save_file
+
+            def write_custom(tmp: Path) -> None:
+                tmp.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "student.safetensors")
+                (tmp / "stepdistill_student.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+            return atomic_write_dir(folder, write_custom)
+        if root is not None:
+            _, sched_folder = resolve_model_folder(self.config.teacher)
+            scheduler_config = dict(LCMScheduler.load_config(sched_folder))
+        else:
+            scheduler_config = dict(self.schedule.config().get("scheduler_config", {}))
+            scheduler_config["_class_name"] = "LCMScheduler"
         null_class = None
         if self.config.data != "unconditional":
             null_class = self.data.grid_conditioning(1).null_class_label
-        from ..pipelines import export_student
+        # SD-family teachers with their VAE and text encoders become stock diffusers pipelines.
+        stock = teacher_kind(net) != "stepdistill" and root is not None and (root / "vae").is_dir()
 
         def write(tmp: Path) -> None:
-            base = {"scheduler": scheduler_config, "null_class_label": null_class}
+            base = root if stock else {"scheduler": scheduler_config, "null_class_label": null_class}
             export_student(net, base, self.student_timesteps, tmp)
             (tmp / "stepdistill_student.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -726,24 +893,50 @@ class DMDTrainer(DistillationTrainer):
         self.unwrap("generator").train()
         return out.float().cpu()
 
+    #: Noise levels (fractions of T) of the real / fake x0 rows in the sample grid.
+    GRID_NOISE_LEVELS = (0.25, 0.5, 0.75)
+
+    def _grid_pixels(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[-1, 1]`` pixels for the grid: pixel teachers as they are, latent teachers through their VAE."""
+        if self.sample_shape[0] in (1, 3):
+            return x
+        root = self._teacher_root()
+        if root is None or not (root / "vae" / "config.json").is_file():
+            return None
+        if getattr(self, "_grid_vae", None) is None:
+            from diffusers import AutoencoderKL
+
+            self._grid_vae = AutoencoderKL.from_pretrained(root / "vae").eval()
+        vae = self._grid_vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(x.float() / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
+
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
-        """Rows: student samples, then the real and fake x0 predictions at t = T/2 (dmd.md §14 item 3)."""
-        if self.sample_shape[0] not in (1, 3):
-            return
+        """Write the DMD diagnostic grid (``dmd.md`` §14).
+
+        Row 1: the generator's samples. Then, for each noise level in :attr:`GRID_NOISE_LEVELS`, the
+        teacher's (real, with CFG) and the fake score's x0 predictions from those samples noised to that
+        level; where real and fake rows differ is what the DM gradient pushes on. Latent teachers are
+        decoded with their VAE (no grid without one).
+        """
         from ..data.digits import make_grid_image
 
         n = self.config.sample_grid_size
         cond = self.data.grid_conditioning(n)
         x = self.sample_student_images(cond, range(n))
         device = self.accelerator.device
-        t = torch.full((n,), float(int(self.schedule.max_timestep // 2)), dtype=torch.float64)
-        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-        x_t = self.schedule.add_noise(x, eps, t).to(device)
         c = cond.to(device)
-        real = guided_denoise(self.teacher, x_t, t, c, self.guidance_scale).x0.float().cpu()
-        fake = self.unwrap("critic").denoiser(x_t, t, c).x0.float().cpu()
-        make_grid_image(torch.cat([x, real, fake]), nrow=n).save(path)
+        rows = [x]
+        for level in self.GRID_NOISE_LEVELS:
+            t = torch.full((n,), float(int(self.schedule.max_timestep * level)), dtype=torch.float64)
+            eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+            x_t = self.schedule.add_noise(x, eps, t).to(device)
+            rows.append(guided_denoise(self.teacher, x_t, t, c, self.guidance_scale).x0.float().cpu())
+            rows.append(self.unwrap("critic").denoiser(x_t, t, c).x0.float().cpu())
+        pixels = self._grid_pixels(torch.cat(rows))
+        if pixels is not None:
+            make_grid_image(pixels, nrow=n, scale=4 if pixels.shape[-1] <= 64 else 1).save(path)
 
     def evaluate(self) -> dict[str, float]:
         """Digits only: FID (digits-classifier features vs the held-out split) and class accuracy.

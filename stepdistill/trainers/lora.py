@@ -117,19 +117,27 @@ def inject_lora_adapters(
 
 
 def make_shared_lora_denoisers(
-    teacher: Denoiser, rank: int, alpha: float | None = None, target_modules: Sequence[str] | None = None
+    teacher: Denoiser, rank: int, alpha: float | None = None, target_modules: Sequence[str] | None = None,
+    base_dtype: torch.dtype = torch.float32,
 ) -> tuple[AdapterDenoiser, AdapterDenoiser, AdapterDenoiser]:
-    """``(teacher view, generator view, fake-score view)`` on one fp32 copy of ``teacher``'s network."""
-    shared = copy.deepcopy(teacher.model).float().eval()
+    """``(teacher view, generator view, fake-score view)`` on one copy of ``teacher``'s network.
+
+    The frozen base weights are kept in ``base_dtype`` (the mixed-precision dtype, as diffusers' LoRA
+    training examples do); the LoRA weights are fp32.
+    """
+    from diffusers.training_utils import cast_training_params
+
+    shared = copy.deepcopy(teacher.model).to(dtype=base_dtype).eval()
     shared = inject_lora_adapters(shared, rank, alpha, target_modules)
+    cast_training_params(shared, dtype=torch.float32)
     inner = Denoiser.from_model(shared, teacher.schedule)
     return (AdapterDenoiser(inner, None), AdapterDenoiser(inner, GENERATOR_ADAPTER),
             AdapterDenoiser(inner, FAKE_SCORE_ADAPTER))
 
 
 def merged_network(model: nn.Module, adapter: str) -> nn.Module:
-    """A plain copy of the base network with ``adapter`` merged in and all LoRA layers removed."""
-    net = copy.deepcopy(model)
+    """A plain fp32 copy of the base network with ``adapter`` merged in and all LoRA layers removed."""
+    net = copy.deepcopy(model).float()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(net.named_modules()):
