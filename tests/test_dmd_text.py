@@ -164,7 +164,11 @@ def test_custom_module_teacher(tmp_path):
                   sample_shape=[2, 8, 8], student_timesteps=[999], real_guidance_scale=1.5)
     trainer = DMDTrainer(cfg, teacher=teacher)
     _check_trains(trainer)
-    assert (tmp_path / "run" / "student" / "student.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "student" / "student.safetensors")
+    trained = trainer.unwrap("generator").model.state_dict()
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
 
 
 def test_custom_module_without_shape_is_a_clear_error(tmp_path):
@@ -210,7 +214,10 @@ def test_image_folder_with_classes_feeds_a_pixel_teacher(tiny_teacher, tmp_path)
     trainer = DMDTrainer(cfg)
     cond, images = trainer.data.sample(4, torch.Generator().manual_seed(0))
     assert images.shape == (4, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
-    assert set(cond.class_labels.tolist()) <= {0, 1} and cond.null_class_label == 10
+    # class sub-folders named by integers keep those labels (datasets numbers them 0..K-1 by sorted name)
+    assert set(cond.class_labels.tolist()) == {0, 3} and cond.null_class_label == 10
+    grid = trainer.data.grid_conditioning(6).class_labels.tolist()
+    assert grid == [0, 0, 0, 3, 3, 3]
     _check_trains(trainer)
 
 

@@ -483,16 +483,17 @@ class HybridDiversityPipeline(DiffusionPipeline):
         _check_handover(handover)
         one_step = len(student_ts) == 1
         schedule = self.schedule
+        if base_schedule.family != schedule.family:  # timesteps are compared across the two schedules below
+            raise ValueError(
+                f"The base has a {base_schedule.family} schedule and the student a {schedule.family} one: their "
+                "timesteps are different units, so no hand-over level can be matched. Pair a base and a student of "
+                "the same family (both VP / DDPM, or both flow matching)."
+            )
         if base_timesteps is not None:
             full = base_schedule.validate_timesteps(base_timesteps)
         elif base_num_inference_steps is not None:
             full = self._base_spacing(base_num_inference_steps)
         else:  # the paper's setting: one shared schedule (a one-step student's shared start is pure noise)
-            if base_schedule.family != schedule.family:
-                raise ValueError(
-                    f"The base has a {base_schedule.family} schedule and the student a {schedule.family} one, so the "
-                    "student's timesteps mean nothing to the base: pass base_num_inference_steps or base_timesteps."
-                )
             full = [base_schedule.max_timestep] if one_step else list(student_ts)
 
         # how many base steps

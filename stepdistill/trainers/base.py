@@ -287,6 +287,10 @@ class ConditionSource:
         """Return ``(conditioning, images or None)`` for ``batch_size`` samples."""
         raise NotImplementedError
 
+    def sample_conditions(self, batch_size: int, generator: torch.Generator) -> Conditioning:
+        """The conditioning :meth:`sample` would return for the same generator state, without loading images."""
+        return self.sample(batch_size, generator)[0]
+
     def grid_conditioning(self, n: int) -> Conditioning:
         """A fixed conditioning for sample grids (class labels in order, when there are classes)."""
         raise NotImplementedError

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from torch import nn
 
 from ..conditioning import Conditioning
 from .base import ConditionSource, DigitsSource, UnconditionalSource, UniformLabelSource
+
+logger = logging.getLogger(__name__)
 
 #: Values of ``TrainerConfig.data``.
 DATA_SOURCES = ("digits", "uniform_labels", "unconditional", "prompts", "dataset")
@@ -49,7 +52,7 @@ class DataSourceError(ValueError):
 
 # --------------------------------------------------------------------------------------------------
 # reading prompts and datasets
-def open_dataset(path: str | Path, split: str = "train"):
+def open_dataset(path: str | Path, split: str = "train") -> Any:
     """Open a local dataset with Hugging Face ``datasets`` (never a hub download).
 
     ``path`` may be a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, an image
@@ -74,7 +77,8 @@ def open_dataset(path: str | Path, split: str = "train"):
         ds = datasets.load_from_disk(str(root))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataSourceError(f"{str(root)!r} has splits {list(ds)}, not {split!r}; pass --data_split.")
+                raise DataSourceError(f"{str(root)!r} has splits {list(ds)}, not {split!r}: pick one with "
+                                      "--data_split (trainer) or save the split you want.")
             ds = ds[split]
         return ds
     return datasets.load_dataset("imagefolder", data_dir=str(root), split=split)
@@ -133,18 +137,20 @@ class PromptEncoder:
     The negative twin is what that pipeline uses for classifier-free guidance: the empty prompt's
     embeddings (SD1.5, SD3) or zeros (SDXL with ``force_zeros_for_empty_prompt``).
 
+    Build it with :meth:`from_pretrained` (which reads the folder and picks the route).
+
     Args:
-        folder: Teacher pipeline folder.
-        network: The teacher's denoising network (SD3 reads its config for the T5-less path).
+        pipeline: The stock diffusers pipeline (text components only) whose ``encode_prompt`` is used.
+        kind: ``"sd"``, ``"sdxl"`` or ``"sd3"``.
         device: Where the text encoders run.
-        dtype: Their dtype (frozen; the mixed-precision dtype).
+        resolution: SDXL's pixel resolution for the ``time_ids`` (original = target size, no crop).
 
     Example:
         >>> enc = PromptEncoder.from_pretrained("models/sd15", teacher.model, "cuda", torch.bfloat16)
         >>> cond = enc(["a photo of a cat"])  # prompt_embeds [1, 77, 768] and its negative
     """
 
-    def __init__(self, pipeline, kind: str, device: torch.device | str, resolution: int | None = None) -> None:
+    def __init__(self, pipeline: Any, kind: str, device: torch.device | str, resolution: int | None = None) -> None:
         self.pipeline, self.kind, self.device, self.resolution = pipeline, kind, torch.device(device), resolution
         self._negative: Conditioning | None = None
 
@@ -156,7 +162,14 @@ class PromptEncoder:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
     ) -> PromptEncoder:
-        """Load the text encoders and tokenizers named in ``folder/model_index.json``."""
+        """Load the text encoders and tokenizers named in ``folder/model_index.json``.
+
+        Args:
+            folder: Teacher pipeline folder.
+            network: The teacher's denoising network (SD3 reads its config for the T5-less path).
+            device: Where the text encoders run.
+            dtype: Their dtype (frozen; the mixed-precision dtype).
+        """
         from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         folder = Path(folder)
@@ -282,7 +295,7 @@ class DatasetSource(ConditionSource):
 
     def __init__(
         self,
-        dataset,
+        dataset: Any,
         image_column: str,
         channels: int,
         resolution: int,
@@ -292,14 +305,22 @@ class DatasetSource(ConditionSource):
         null_class_label: int | None = None,
         vae: nn.Module | None = None,
         root: Path | None = None,
+        label_map: Sequence[int] | None = None,
+        encode_batch_size: int = 8,
     ) -> None:
         if len(dataset) == 0:
-            raise DataSourceError("The dataset is empty.")
+            raise DataSourceError(f"The dataset {str(root or '')!r} has no rows: point --dataset at a folder / "
+                                  "file with images (and check --data_split).")
         if caption_column and encoder is None:
             raise DataSourceError("A caption column needs a text-conditional teacher (pipeline with a text encoder).")
         self.dataset, self.image_column, self.channels, self.resolution = dataset, image_column, channels, resolution
         self.caption_column, self.label_column, self.encoder = caption_column, label_column, encoder
         self.null_class_label, self.vae, self.root = null_class_label, vae, root
+        self.label_map = list(label_map) if label_map is not None else None
+        self.encode_batch_size = encode_batch_size
+        # conditions without decoding images (for pair generation and grids)
+        cond_columns = [c for c in (caption_column, label_column) if c]
+        self._conditions_view = dataset.select_columns(cond_columns) if cond_columns else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -328,35 +349,68 @@ class DatasetSource(ConditionSource):
         return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
 
     @torch.no_grad()
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+        """VAE latents (``(z - shift) * scale``), in chunks, sampled with a generator seeded by ``seed``."""
         if self.vae is None:
             return pixels
         vae = self.vae
         dev = next(vae.parameters()).device
-        latents = vae.encode(pixels.to(dev, vae.dtype)).latent_dist.sample()
+        gen = torch.Generator(device=dev).manual_seed(seed)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
+        out = []
+        for chunk in pixels.split(self.encode_batch_size):
+            latents = vae.encode(chunk.to(dev, vae.dtype)).latent_dist.sample(generator=gen)
+            out.append(((latents - shift) * vae.config.scaling_factor).float())
+        return torch.cat(out)
 
-    def _rows(self, idx: Sequence[int]) -> tuple[Conditioning, torch.Tensor]:
-        rows = [self.dataset[int(i)] for i in idx]
-        images = self._encode(torch.stack([self._image(r[self.image_column]) for r in rows]))
+    def _conditions(self, rows: Sequence[dict]) -> Conditioning:
         if self.caption_column:
-            cond = self.encoder([str(r[self.caption_column] or "") for r in rows])
-        elif self.label_column:
-            labels = torch.tensor([int(r[self.label_column]) for r in rows])
-            cond = Conditioning(class_labels=labels, null_class_label=self.null_class_label)
-        else:
-            cond = Conditioning()
-        return cond, images
+            return self.encoder([str(r[self.caption_column] or "") for r in rows])
+        if self.label_column:
+            raw = [int(r[self.label_column]) for r in rows]
+            labels = torch.tensor([self.label_map[v] for v in raw] if self.label_map else raw)
+            return Conditioning(class_labels=labels, null_class_label=self.null_class_label)
+        return Conditioning()
+
+    def _condition_rows(self, idx: Sequence[int]) -> Conditioning:
+        if self._conditions_view is None:
+            return Conditioning()
+        return self._conditions([self._conditions_view[int(i)] for i in idx])
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Conditioning, torch.Tensor]:
         """Random rows (with replacement): conditioning and images (latents for latent teachers)."""
-        idx = torch.randint(0, len(self.dataset), (batch_size,), generator=generator)
-        return self._rows(idx.tolist())
+        idx = torch.randint(0, len(self.dataset), (batch_size,), generator=generator).tolist()
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # the VAE's posterior sample
+        rows = [self.dataset[int(i)] for i in idx]
+        images = self._encode(torch.stack([self._image(r[self.image_column]) for r in rows]), seed)
+        return self._conditions(rows), images
+
+    def sample_conditions(self, batch_size: int, generator: torch.Generator) -> Conditioning:
+        """The conditions of :meth:`sample`'s rows for the same generator state, without loading images."""
+        idx = torch.randint(0, len(self.dataset), (batch_size,), generator=generator).tolist()
+        return self._condition_rows(idx)
 
     def grid_conditioning(self, n: int) -> Conditioning:
-        """The conditioning of the first ``n`` rows (cycling)."""
-        return self._rows([i % len(self.dataset) for i in range(n)])[0]
+        """The conditioning of the first ``n`` rows (cycling); no image is loaded."""
+        return self._condition_rows([i % len(self.dataset) for i in range(n)])
+
+
+def _class_label_map(feature: Any, where: str) -> list[int] | None:
+    """Map a ``ClassLabel`` column's indices to the labels its names spell (image-folder classes ``0/``, ``3/``).
+
+    ``datasets`` numbers class sub-folders 0..K-1 in sorted order; when every name is an integer the
+    teacher's label is that integer, not the index. Other names keep their index (logged).
+    """
+    import datasets
+
+    if not isinstance(feature, datasets.ClassLabel):
+        return None
+    names = list(feature.names)
+    if all(n.strip().lstrip("-").isdigit() for n in names):
+        return [int(n) for n in names]
+    logger.warning("%s: class names %s are not integers; using their indices 0..%d as class labels.",
+                   where, names, len(names) - 1)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,12 +441,13 @@ def make_data_source(cfg: Any, teacher_folder: str | Path, network: nn.Module, d
         ds = open_dataset(cfg.dataset, cfg.data_split)
         where = str(cfg.dataset)
         image_col = _pick_column(ds.column_names, cfg.image_column, IMAGE_COLUMNS, "image", where)
-        label_col = caption_col = None
+        label_col = caption_col = label_map = None
         text_teacher = (folder / "text_encoder").is_dir()
         if text_teacher:
             caption_col = _pick_column(ds.column_names, cfg.caption_column, PROMPT_COLUMNS, "caption", where)
         elif cfg.label_column or any(c in ds.column_names for c in LABEL_COLUMNS):
             label_col = _pick_column(ds.column_names, cfg.label_column, LABEL_COLUMNS, "label", where)
+            label_map = _class_label_map(ds.features[label_col], where)
         encoder = PromptEncoder.from_pretrained(folder, network, device, dtype) if caption_col else None
         vae = None
         channels = int(network.config.in_channels)
@@ -405,5 +460,5 @@ def make_data_source(cfg: Any, teacher_folder: str | Path, network: nn.Module, d
             resolution = resolution * _vae_scale_factor(folder)
         root = Path(cfg.dataset).parent if Path(cfg.dataset).is_file() else Path(cfg.dataset)
         return DatasetSource(ds, image_col, channels, resolution, caption_col, label_col, encoder,
-                             cfg.null_class_label, vae, root)
+                             cfg.null_class_label, vae, root, label_map)
     raise DataSourceError(f"data must be one of {list(DATA_SOURCES)}, got {data!r}.")

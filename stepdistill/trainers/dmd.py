@@ -157,6 +157,11 @@ class DMDConfig(TrainerConfig):
                 f"Need 0 <= min_step_percent < max_step_percent <= 1, got {self.min_step_percent}, "
                 f"{self.max_step_percent}."
             )
+        if len(ts) > 1 and self.backward_simulation is False and self.data not in ("digits", "dataset"):
+            raise ValueError(
+                f"A {len(ts)}-step student without backward simulation is trained on noised real images, but "
+                f"data={self.data!r} has none: use data=dataset (or digits), or drop backward_simulation=false."
+            )
         if self.use_gan and self.data not in ("digits", "dataset"):
             raise ValueError(
                 f"use_gan needs real images; data={self.data!r} has none (use data=digits, or data=dataset "
@@ -380,8 +385,10 @@ class DMDTrainer(DistillationTrainer):
         self.schedule = teacher.schedule
         self.student_timesteps = self.schedule.validate_timesteps(cfg.student_timesteps)
         self.guidance_scale = self._resolve_guidance(cfg)
-        self.data = self._make_data_source(cfg, teacher.model)
         self.sample_shape = self._sample_shape(teacher.model)
+        if cfg.lora_rank > 0:  # before the data source, so no reference to the original network outlives this
+            teacher = self._init_shared_lora(teacher)
+        self.data = self._make_data_source(cfg, teacher.model)
         if self.data.has_images:
             _, imgs = self.data.sample(1, torch.Generator().manual_seed(0))
             if tuple(imgs.shape[1:]) != self.sample_shape:
@@ -389,10 +396,7 @@ class DMDTrainer(DistillationTrainer):
                     f"Real images have shape {tuple(imgs.shape[1:])} but the teacher works on {self.sample_shape}: "
                     f"data={cfg.data!r} does not fit this teacher."
                 )
-
-        if cfg.lora_rank > 0:
-            teacher = self._init_shared_lora(teacher)
-        else:
+        if cfg.lora_rank == 0:
             generator_net, fake_net = self.init_from_teacher(teacher)
             self.generator = Denoiser.from_model(generator_net, self.schedule)
             head = self._make_gan_head(Denoiser.from_model(fake_net, self.schedule)) if cfg.use_gan else None
@@ -471,7 +475,7 @@ class DMDTrainer(DistillationTrainer):
         self.critic = FakeScore(fake, None, cfg.gan_feature_module)
         return teacher_view
 
-    def role(self, name: str):
+    def role(self, name: str) -> contextlib.AbstractContextManager:
         """Context with ``name``'s adapter active on the shared network (no-op in full mode).
 
         Backward passes run inside it: with gradient checkpointing the shared network's blocks are
@@ -613,7 +617,8 @@ class DMDTrainer(DistillationTrainer):
         elif k > 0:
             _, real = self.data.sample(batch, self.rng)
             if real is None:
-                raise ValueError("A k-step student without backward simulation needs real images (data=digits).")
+                raise ValueError("A k-step student without backward simulation needs real images: use data=digits "
+                                 "or data=dataset, or turn backward_simulation on.")
             x = self.schedule.add_noise(real.to(device), x, ts[k])
         return x, ts[k]
 
@@ -639,7 +644,7 @@ class DMDTrainer(DistillationTrainer):
         pairs = self.regression_pairs
         idx = torch.randint(0, pairs["z"].shape[0], (x_in.shape[0],), generator=self.rng)
         reg_cond = pairs["cond"].select(idx)
-        both = Conditioning.cat([cond, reg_cond]).to(device)
+        both = Conditioning.cat([cond.to(device), reg_cond.to(device)])  # prompt embeddings live on the device
         out = self.trainables["generator"].module(torch.cat([x_in, pairs["z"][idx].to(device)]), t, both).x0
         b = x_in.shape[0]
         return out[:b], out[b:], pairs["y"][idx].to(device), reg_cond
@@ -760,7 +765,8 @@ class DMDTrainer(DistillationTrainer):
                             x, x_reg, y, reg_cond = self.generate_with_regression(cond)
                             loss, parts = self.generator_loss(x, cond, (x_reg, y), diagnostics)
                             # DMD1 trains the critic on both sets of generated samples
-                            x, cond = torch.cat([x, x_reg]), Conditioning.cat([cond, reg_cond])
+                            device = self.accelerator.device
+                            x, cond = torch.cat([x, x_reg]), Conditioning.cat([cond.to(device), reg_cond.to(device)])
                             if real is not None and cfg.use_gan:
                                 real_cond, real = self.data.sample(x.shape[0], self.rng)
                         else:
@@ -843,7 +849,7 @@ class DMDTrainer(DistillationTrainer):
         """
         from diffusers import LCMScheduler, ModelMixin
 
-        from ..pipelines import export_student, teacher_kind
+        from ..pipelines import export_stepdistill_pipeline, export_student, teacher_kind
 
         net = self.student_network()
         meta = self.student_metadata()
@@ -870,8 +876,11 @@ class DMDTrainer(DistillationTrainer):
         stock = teacher_kind(net) != "stepdistill" and root is not None and (root / "vae").is_dir()
 
         def write(tmp: Path) -> None:
-            base = root if stock else {"scheduler": scheduler_config, "null_class_label": null_class}
-            export_student(net, base, self.student_timesteps, tmp)
+            if stock:
+                export_student(net, root, self.student_timesteps, tmp)
+            else:  # any network (also SD-family ones without a VAE folder) as a StepDistillPipeline
+                export_stepdistill_pipeline(net, scheduler_config, self.student_timesteps, tmp,
+                                            null_class_label=null_class)
             (tmp / "stepdistill_student.json").write_text(json.dumps(meta, indent=2) + "\n")
 
         return atomic_write_dir(folder, write)
@@ -904,12 +913,18 @@ class DMDTrainer(DistillationTrainer):
         if root is None or not (root / "vae" / "config.json").is_file():
             return None
         if getattr(self, "_grid_vae", None) is None:
-            from diffusers import AutoencoderKL
+            vae = getattr(self.data, "vae", None)
+            if vae is None:
+                from diffusers import AutoencoderKL
 
-            self._grid_vae = AutoencoderKL.from_pretrained(root / "vae").eval()
+                vae = AutoencoderKL.from_pretrained(root / "vae").eval().to(self.accelerator.device)
+            self._grid_vae = vae
         vae = self._grid_vae
+        dev = next(vae.parameters()).device
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return vae.decode(x.float() / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
+        out = [vae.decode(chunk.to(dev, vae.dtype) / vae.config.scaling_factor + shift).sample.float().cpu()
+               for chunk in x.split(8)]
+        return torch.cat(out).clamp(-1, 1)
 
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:

@@ -152,7 +152,7 @@ def _chunk_conditions(source: ConditionSource, count: int, seed: int, chunk: int
     """The conditioning of pairs ``chunk*COND_CHUNK ...`` (one generator per chunk), on the CPU."""
     start = chunk * COND_CHUNK
     n = min(COND_CHUNK, count - start)
-    cond, _ = source.sample(n, torch.Generator().manual_seed(int(seed) + 7919 * chunk))
+    cond = source.sample_conditions(n, torch.Generator().manual_seed(int(seed) + 7919 * chunk))
     if cond.batch_size not in (None, n):
         raise ValueError(f"The data source returned {cond.batch_size} conditions for {n} requested.")
     return cond.to("cpu")
@@ -519,8 +519,10 @@ def generate_pairs_main(argv: Sequence[str] | None = None) -> Path:
         sample_shape = [int(teacher.model.config.in_channels), int(h), int(w)]
     count = cfg.num_regression_pairs
     world, rank = state.num_processes, state.process_index
-    per = math.ceil(count / world)
-    indices = list(range(rank * per, min(count, (rank + 1) * per)))
+    if count < world:
+        raise ValueError(f"num_regression_pairs={count} is smaller than the {world} processes: ask for at least "
+                         f"{world} pairs or launch fewer processes.")
+    indices = list(range(rank * count // world, (rank + 1) * count // world))  # balanced, never empty
     pairs = generate_regression_pairs(
         teacher, source, count, sample_shape, cfg.regression_teacher_steps, _teacher_guidance(cfg.teacher,
                                                                                               cfg.real_guidance_scale),
