@@ -127,3 +127,18 @@ def load_denoiser(
         model = model.to(device)
     model.eval()
     return Denoiser.from_model(model, load_schedule(sched_folder, prediction_type=prediction_type))
+
+
+def teacher_guidance_scale(folder: str | Path | None) -> float | None:
+    """The ``guidance_scale`` a stepdistill teacher folder recommends (``stepdistill_teacher.json``), else ``None``.
+
+    The trainers use it as the default real-score CFG, the pair generator as the teacher ODE's CFG, and the
+    hybrid pipeline as the base's CFG, so the three always agree.
+    """
+    if folder is None or not str(folder):
+        return None
+    meta = Path(folder) / "stepdistill_teacher.json"
+    if not meta.is_file():
+        return None
+    value = _read_json(meta).get("guidance_scale")
+    return None if value is None else float(value)

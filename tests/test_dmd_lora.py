@@ -105,3 +105,24 @@ def test_shared_lora_gradient_checkpointing_gives_the_same_training(tiny_teacher
                         for p in trainer.unwrap(name).parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_shared_base_exports_the_fp32_teacher_plus_the_adapter(tiny_teacher, tmp_path):
+    """With mixed precision the shared base is bf16; the exported student must not inherit that rounding."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # this process's earlier trainers used "no"
+    try:
+        trainer = DMDTrainer(_config(tiny_teacher, tmp_path / "run", mixed_precision="bf16", max_train_steps=1))
+        student = trainer.student_network()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert next(trainer.teacher.model.parameters()).dtype == torch.bfloat16
+    teacher = load_denoiser(tiny_teacher).model
+    untouched = [n for n, _ in teacher.named_parameters() if n.startswith("conv_in.")]  # no LoRA there
+    assert untouched
+    ref = dict(teacher.named_parameters())
+    got = dict(student.named_parameters())
+    for n in untouched:
+        assert torch.equal(got[n], ref[n]), n  # fp32 teacher weights exactly, not bf16-rounded
+    assert any(not torch.equal(ref[n].to(torch.bfloat16).float(), ref[n]) for n in untouched)  # rounding is real

@@ -42,7 +42,6 @@ independent of the batch size.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,7 @@ from torch import nn
 
 from ..conditioning import Conditioning
 from ..denoiser import Denoiser, DenoiserOutput
+from ..loading import teacher_guidance_scale
 from ..sampling import Generator, ddim_step, initial_noise, sample_student, sample_teacher
 from ..schedules import NoiseSchedule
 from .pipeline_stepdistill import (
@@ -369,7 +369,7 @@ class HybridDiversityPipeline(DiffusionPipeline):
         if student_timesteps is None:
             student_timesteps = _config_value(student_pipe, "default_timesteps")
         if base_guidance_scale is None:
-            base_guidance_scale = _teacher_guidance(base_dir)
+            base_guidance_scale = teacher_guidance_scale(base_dir)
         if base_guidance_scale is None:
             base_guidance_scale = _config_value(base_pipe, "default_guidance_scale")
         config.setdefault("null_class_label", _config_value(student_pipe, "null_class_label"))
@@ -776,14 +776,6 @@ def _network(pipe: DiffusionPipeline, side: str) -> nn.Module:
 def _config_value(pipe: DiffusionPipeline, key: str) -> Any:
     value = pipe.config.get(key) if hasattr(pipe, "config") else None
     return list(value) if isinstance(value, tuple) else value
-
-
-def _teacher_guidance(folder: Path | None) -> float | None:
-    """``guidance_scale`` of a stepdistill teacher folder's ``stepdistill_teacher.json``, if any."""
-    if folder is None or not (folder / "stepdistill_teacher.json").is_file():
-        return None
-    value = json.loads((folder / "stepdistill_teacher.json").read_text()).get("guidance_scale")
-    return None if value is None else float(value)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..conditioning import Conditioning
 from ..denoiser import Denoiser, DenoiserOutput, guided_denoise
-from ..loading import load_denoiser, resolve_model_folder
+from ..loading import load_denoiser, resolve_model_folder, teacher_guidance_scale
 from ..sampling import initial_noise, make_generators, sample_student
 from ..schedules import NoiseSchedule, VPSchedule
 from ..utils import atomic_write_dir
@@ -516,10 +516,8 @@ class DMDTrainer(DistillationTrainer):
     def _resolve_guidance(self, cfg: DMDConfig) -> float:
         if cfg.real_guidance_scale is not None:
             return float(cfg.real_guidance_scale)
-        meta = Path(cfg.teacher) / "stepdistill_teacher.json"
-        if cfg.teacher and meta.is_file():
-            return float(json.loads(meta.read_text()).get("guidance_scale", 1.0))
-        return 1.0
+        value = teacher_guidance_scale(cfg.teacher) if self.teacher_override is None else None
+        return 1.0 if value is None else value
 
     def _make_data_source(self, cfg: DMDConfig, network: nn.Module) -> ConditionSource:
         from .data import make_data_source
@@ -802,8 +800,28 @@ class DMDTrainer(DistillationTrainer):
             if self.shared_lora:
                 from .lora import GENERATOR_ADAPTER, merged_network
 
-                return merged_network(self.generator.model, GENERATOR_ADAPTER).eval()
+                net = merged_network(self.generator.model, GENERATOR_ADAPTER).eval()
+                return self._restore_fp32_base(net)
             return copy.deepcopy(self.unwrap("generator").model).eval()
+
+    @torch.no_grad()
+    def _restore_fp32_base(self, merged: nn.Module) -> nn.Module:
+        """Undo the rounding of the shared base to the mixed-precision dtype in a merged student.
+
+        ``merged = round(W) + delta``; adding ``W - round(W)`` from the fp32 teacher on disk gives
+        ``W + delta`` exactly (a no-op in fp32 training or for a teacher passed as a module).
+        """
+        root = self._teacher_root()
+        if self.weight_dtype == torch.float32 or root is None:
+            return merged
+        from ..loading import load_network
+
+        folder, _ = resolve_model_folder(self.config.teacher)
+        original = dict(load_network(folder).named_parameters())
+        for name, p in merged.named_parameters():
+            w = original[name].to(p.device, torch.float32)
+            p.add_(w - w.to(self.weight_dtype).float())
+        return merged
 
     def save_models(self, folder: Path) -> None:
         """``generator/``, ``generator_ema/`` (with EMA), ``fake_score/`` and ``gan_head.safetensors``."""

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..conditioning import Conditioning
 from ..denoiser import Denoiser
+from ..loading import teacher_guidance_scale
 from ..sampling import initial_noise, make_generators, sample_teacher
 from ..schedules import NoiseSchedule, VPSchedule
 from ..utils import atomic_write_file
@@ -439,8 +440,8 @@ def _teacher_guidance(teacher: str, override: float | None) -> float:
     """The real-score CFG the trainer uses: the override, else the teacher json's ``guidance_scale``, else 1."""
     if override is not None:
         return float(override)
-    meta = Path(teacher) / "stepdistill_teacher.json"
-    return float(json.loads(meta.read_text()).get("guidance_scale", 1.0)) if meta.is_file() else 1.0
+    value = teacher_guidance_scale(teacher)
+    return 1.0 if value is None else value
 
 
 def _shard_path(output: Path, rank: int, world: int) -> Path:
