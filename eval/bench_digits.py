@@ -100,8 +100,8 @@ def real_subset(labels: np.ndarray, seed: int) -> torch.Tensor:
     return train.images[index]
 
 
-def reproduce_command(argv: list[str]) -> str:
-    """The command line that regenerates the numbers (output-file flags dropped)."""
+def without_output_flags(argv: list[str]) -> list[str]:
+    """``argv`` without the output-file flags (``--out``, ``--markdown``), for a reproduce line."""
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -110,7 +110,12 @@ def reproduce_command(argv: list[str]) -> str:
             skip = True
         elif not arg.startswith(("--out=", "--markdown=")):
             kept.append(arg)
-    return " ".join(["python eval/bench_digits.py", *kept])
+    return kept
+
+
+def reproduce_command(argv: list[str], script: str = "eval/bench_digits.py") -> str:
+    """The command line that regenerates the numbers (output-file flags dropped)."""
+    return " ".join(["python", script, *without_output_flags(argv)])
 
 
 def teacher_row_name(steps: int) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_digits import SEED_STRIDE, CallCounter, summarize, timed
+from bench_digits import SEED_STRIDE, CallCounter, reproduce_command, summarize, timed
 
 from stepdistill.data.digits import class_labels_like_reference
 from stepdistill.data.digits_models import classifier_path, teacher_path
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "command": " ".join(["python eval/bench_hybrid.py", *_kept(argv if argv is not None else sys.argv[1:])]),
+        "command": reproduce_command(argv if argv is not None else sys.argv[1:], "eval/bench_hybrid.py"),
     }
     table = markdown_tables(list(results.values()), results[teacher_name], protocol)
     print(table)
@@ -218,19 +218,6 @@ def _mean_per_class(per_seed: list[dict]) -> dict:
         keys = [k for k, v in per_seed[0][label].items() if isinstance(v, float)]
         out[label] = {k: float(np.mean([s[label][k] for s in per_seed])) for k in keys}
     return out
-
-
-def _kept(argv: list[str]) -> list[str]:
-    """``argv`` without the output-file flags."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--out", "--markdown"):
-            skip = True
-        elif not arg.startswith(("--out=", "--markdown=")):
-            kept.append(arg)
-    return kept
 
 
 def markdown_tables(results: list[dict], teacher: dict, protocol: dict) -> str:

@@ -84,6 +84,20 @@ def _per_row(values: Any, rows: int, name: str) -> list | None:
     return values
 
 
+def _row_call_kwargs(rows: int, class_labels: Any, prompt: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``call_kwargs`` plus one class label / prompt per row (or ``batch_size=rows`` for an unconditional call)."""
+    kwargs = dict(call_kwargs)
+    labels = _per_row(class_labels, rows, "class labels")
+    prompts = _per_row(prompt, rows, "prompts")
+    if labels is not None:
+        kwargs["class_labels"] = labels
+    if prompts is not None:
+        kwargs["prompt"] = prompts
+    if labels is None and prompts is None and kwargs.get("prompt_embeds") is None:
+        kwargs.setdefault("batch_size", rows)
+    return kwargs
+
+
 @torch.no_grad()
 def diffusion_targets(
     pipe: HybridDiversityPipeline,
@@ -106,15 +120,7 @@ def diffusion_targets(
     """
     seeds = [int(s) for s in seeds]
     rows = len(seeds)
-    kwargs = dict(call_kwargs)
-    labels = _per_row(class_labels, rows, "class labels")
-    prompts = _per_row(prompt, rows, "prompts")
-    if labels is not None:
-        kwargs["class_labels"] = labels
-    if prompts is not None:
-        kwargs["prompt"] = prompts
-    if labels is None and prompts is None and kwargs.get("prompt_embeds") is None:
-        kwargs.setdefault("batch_size", rows)
+    kwargs = _row_call_kwargs(rows, class_labels, prompt, call_kwargs)
     steps: list[tuple[int, float, torch.Tensor]] = []
 
     def record(_pipe, i: int, t: float, tensors: dict) -> None:
@@ -290,24 +296,16 @@ def diversity_grid(
     """
     seeds = [int(s) for s in seeds]
     n = len(seeds)
-    kwargs: dict[str, Any] = {}
-    labels = _per_row(class_labels, n, "class labels")
-    prompts = _per_row(prompt, n, "prompts")
-    if labels is not None:
-        kwargs["class_labels"] = labels
-    if prompts is not None:
-        kwargs["prompt"] = prompts
-    if labels is None and prompts is None and call_kwargs.get("prompt_embeds") is None:
-        kwargs["batch_size"] = n
+    kwargs = _row_call_kwargs(n, class_labels, prompt, call_kwargs)
     images: dict[str, torch.Tensor] = {}
     plans = {}
     for mode in ("base", "student", "hybrid"):
-        extra = dict(call_kwargs)
+        extra = dict(kwargs)
         if mode == "base":
             extra = {k: v for k, v in extra.items() if k not in ("base_steps", "handover_timestep", "handover",
                                                                    "resume_timestep", "base_timesteps")}  # fmt: skip
             extra["base_num_inference_steps"] = teacher_steps
-        out = pipe(mode=mode, generator=make_generators(seeds), output_type="pt", **kwargs, **extra)
+        out = pipe(mode=mode, generator=make_generators(seeds), output_type="pt", **extra)
         images[mode] = out.images.cpu()
         plans[mode] = out.plan
     row_labels = [
@@ -317,6 +315,7 @@ def diversity_grid(
     ]
     tiles = [[images[m][i] for i in range(n)] for m in ("base", "student", "hybrid")]
     columns = None
+    labels = kwargs.get("class_labels")
     if labels is not None and len(set(labels)) > 1:
         columns = [str(c) for c in labels]
     grid = image_grid(

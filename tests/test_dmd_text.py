@@ -13,13 +13,19 @@ import torch
 from diffusers import (
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
-from tiny_models import TinyCustom, clip_text_encoder, clip_tokenizer, randomize, tiny_vae, write_clip_tokenizer
+from tiny_models import (
+    TinyCustom,
+    clip_text_encoder,
+    clip_tokenizer,
+    latent_sd3_transformer,
+    latent_unet,
+    tiny_vae,
+    write_clip_tokenizer,
+)
 
 from stepdistill import Denoiser, VPSchedule
 from stepdistill.trainers.base import parse_config
@@ -31,15 +37,6 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 PROMPTS = ["a red cube", "two small cats", "a blue house on a hill"]
 
 
-def _unet(cross_attention_dim: int, **extra) -> UNet2DConditionModel:
-    torch.manual_seed(2)
-    return randomize(UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, norm_num_groups=4, attention_head_dim=2, **extra,
-    ))
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """Tiny SD1.5-, SDXL- and SD3-like teacher pipeline folders, a prompt file and a captioned image folder."""
@@ -47,13 +44,13 @@ def folders(tmp_path_factory):
     tok = clip_tokenizer(write_clip_tokenizer(root / "tok"))
     out = {}
     sd = StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=clip_text_encoder(4), tokenizer=tok, unet=_unet(16),
+        vae=tiny_vae(), text_encoder=clip_text_encoder(4), tokenizer=tok, unet=latent_unet(16),
         scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     sd.save_pretrained(root / "sd15")
     out["sd15"] = root / "sd15"
-    xl_unet = _unet(32, addition_embed_type="text_time", addition_time_embed_dim=4,
+    xl_unet = latent_unet(32, addition_embed_type="text_time", addition_time_embed_dim=4,
                     projection_class_embeddings_input_dim=6 * 4 + 8)
     xl = StableDiffusionXLPipeline(
         vae=tiny_vae(), text_encoder=clip_text_encoder(4), text_encoder_2=clip_text_encoder(5, projection=True),
@@ -61,12 +58,7 @@ def folders(tmp_path_factory):
     )
     xl.save_pretrained(root / "sdxl")
     out["sdxl"] = root / "sdxl"
-    torch.manual_seed(3)
-    s3_net = randomize(SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=4,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=8, pooled_projection_dim=16,
-        pos_embed_max_size=8,
-    ))
+    s3_net = latent_sd3_transformer()
     s3 = StableDiffusion3Pipeline(
         transformer=s3_net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(shift_factor=0.1),
         text_encoder=clip_text_encoder(6, projection=True), text_encoder_2=clip_text_encoder(7, projection=True),

@@ -17,16 +17,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
-from tiny_models import clip_text_encoder, clip_tokenizer, randomize, tiny_vae, write_clip_tokenizer
+from tiny_models import (
+    clip_text_encoder,
+    clip_tokenizer,
+    latent_sd3_transformer,
+    latent_unet,
+    tiny_vae,
+    write_clip_tokenizer,
+)
 from transformers import CLIPTokenizer
 
 from stepdistill import Conditioning, Denoiser, NoiseSchedule, initial_noise, make_generators, sample_student
@@ -72,53 +76,8 @@ def _tokenizer(folder) -> CLIPTokenizer:
     return clip_tokenizer(folder, MAX_LEN)
 
 
-_randomize = randomize
-
-
 def _text_encoder(seed: int, projection: bool = False, hidden: int = 16):
     return clip_text_encoder(seed, projection, hidden, MAX_LEN)
-
-
-def _vae(**extra) -> AutoencoderKL:
-    return tiny_vae(**extra)
-
-
-def _unet(cross_attention_dim: int, **extra) -> UNet2DConditionModel:
-    torch.manual_seed(2)
-    return _randomize(
-        UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(8, 16),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=cross_attention_dim,
-            norm_num_groups=4,
-            attention_head_dim=2,
-            **extra,
-        )
-    )
-
-
-def _sd3_transformer() -> SD3Transformer2DModel:
-    torch.manual_seed(3)
-    return _randomize(
-        SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=1,
-            attention_head_dim=4,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            caption_projection_dim=8,
-            pooled_projection_dim=16,
-            pos_embed_max_size=8,
-        )
-    )
 
 
 def _ids(tokenizer, prompts):
@@ -187,7 +146,7 @@ def exported(tmp_path_factory, tokenizer_dir):
         )
 
     # SD1.5-like: one text encoder, eps-prediction teacher scheduler.
-    te, vae, unet = _text_encoder(0), _vae(), _unet(16)
+    te, vae, unet = _text_encoder(0), tiny_vae(), latent_unet(16)
     teacher = DDIMScheduler(**SD_SCHEDULER)
     base = dict(vae=vae, text_encoder=te, tokenizer=tok, scheduler=teacher)
     student = Denoiser.from_model(unet, NoiseSchedule.from_scheduler_config(teacher.config))
@@ -200,7 +159,7 @@ def exported(tmp_path_factory, tokenizer_dir):
 
     # SDXL-like: two text encoders (penultimate hidden states), pooled embeds from the second, time ids.
     te1, te2 = _text_encoder(4), _text_encoder(5, projection=True, hidden=8)
-    xl_unet = _unet(
+    xl_unet = latent_unet(
         24, addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 8
     )
     xl_teacher = DDIMScheduler(**SD_SCHEDULER)
@@ -221,9 +180,9 @@ def exported(tmp_path_factory, tokenizer_dir):
 
     # SD3-like: rectified flow, shifted teacher scheduler, VAE with a shift factor, no T5.
     s3_te1, s3_te2 = _text_encoder(6, projection=True), _text_encoder(7, projection=True)
-    s3_vae = _vae(shift_factor=0.1, scaling_factor=1.5)
+    s3_vae = tiny_vae(shift_factor=0.1, scaling_factor=1.5)
     s3_teacher = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    s3_net = _sd3_transformer()
+    s3_net = latent_sd3_transformer()
     s3_base = dict(
         vae=s3_vae, text_encoder=s3_te1, text_encoder_2=s3_te2, tokenizer=tok, tokenizer_2=tok, scheduler=s3_teacher
     )

@@ -211,3 +211,26 @@ def tiny_vae(**extra):
         block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
         **extra,
     ))
+
+
+def latent_unet(cross_attention_dim: int, **extra):
+    """SD1.5-shaped ``UNet2DConditionModel`` on 4-channel 8x8 latents (SDXL-shaped with ``addition_embed_type``)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(2)
+    return randomize(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, norm_num_groups=4, attention_head_dim=2, **extra,
+    ))
+
+
+def latent_sd3_transformer():
+    """SD3-shaped ``SD3Transformer2DModel`` on 4-channel 8x8 latents (text dim 32, pooled 16)."""
+    torch.manual_seed(3)
+    return randomize(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=4,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=8, pooled_projection_dim=16,
+        pos_embed_max_size=8,
+    ))
+

@@ -96,6 +96,35 @@ def classifier_accuracy(model: DigitsClassifier, split: str = "heldout") -> floa
     return float((logits.argmax(-1).cpu() == data.labels).float().mean())
 
 
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR multiplier for ``LambdaLR``: linear warm-up over ``(step + 1) / warmup_steps``, then cosine to 0."""
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return lr_lambda
+
+
+def denoising_batch(
+    images: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule, batch_size: int, cond_drop_prob: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One class-conditional denoising batch ``(x_t, t, labels, target)`` with label dropout to the null class.
+
+    Draws, in this order: indices, dropout, noise, timesteps (the teacher and the style LoRA share it).
+    """
+    idx = torch.randint(0, len(images), (batch_size,), generator=generator)
+    x0 = images[idx]
+    dropped = labels[idx].clone()
+    dropped[torch.rand(batch_size, generator=generator) < cond_drop_prob] = NULL_CLASS
+    eps = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator)
+    return schedule.add_noise(x0, eps, t), t, dropped, schedule.target(x0, eps, t)
+
+
 def train_teacher(config: TeacherConfig, accelerator: Accelerator, log_every: int = 100):
     """Train the class-conditional digits teacher; returns ``(ema_unet, schedule, history)``.
 
@@ -110,29 +139,16 @@ def train_teacher(config: TeacherConfig, accelerator: Accelerator, log_every: in
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=0.75)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
 
-    def lr_lambda(step: int) -> float:
-        if step < config.lr_warmup_steps:
-            return (step + 1) / config.lr_warmup_steps
-        progress = (step - config.lr_warmup_steps) / max(1, config.max_train_steps - config.lr_warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(config.lr_warmup_steps, config.max_train_steps))
     unet, opt, lr_sched = accelerator.prepare(unet, opt, lr_sched)
     gen = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
-    n = len(train)
     history = []
     t0 = time.time()
     bar = tqdm(range(config.max_train_steps), desc="teacher", disable=not accelerator.is_main_process)
     running = 0.0
     for step in bar:
-        idx = torch.randint(0, n, (config.batch_size,), generator=gen)
-        x0 = train.images[idx]
-        labels = train.labels[idx].clone()
-        labels[torch.rand(config.batch_size, generator=gen) < config.cond_drop_prob] = NULL_CLASS
-        eps = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, schedule.num_train_timesteps, (config.batch_size,), generator=gen)
-        x_t = schedule.add_noise(x0, eps, t)
-        target = schedule.target(x0, eps, t)
+        x_t, t, labels, target = denoising_batch(train.images, train.labels, schedule, config.batch_size,
+                                                 config.cond_drop_prob, gen)
         dev = accelerator.device
         with accelerator.autocast():
             pred = unet(x_t.to(dev), t.to(dev), class_labels=labels.to(dev)).sample

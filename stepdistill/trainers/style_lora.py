@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..conditioning import Conditioning
 from ..control import add_lora, save_lora
 from ..data.digits import NULL_CLASS, load_digits_split
 from ..loading import load_denoiser
+from .digits_world import denoising_batch, warmup_cosine
 
 STYLE_ADAPTER_NAME = "style"
 
@@ -119,13 +119,7 @@ def train_style_lora(config: StyleLoraConfig, accelerator=None) -> StyleLoraResu
     denoiser.model.train()
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
 
-    def lr_lambda(step: int) -> float:
-        if step < config.lr_warmup_steps:
-            return (step + 1) / config.lr_warmup_steps
-        progress = (step - config.lr_warmup_steps) / max(1, config.max_train_steps - config.lr_warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(config.lr_warmup_steps, config.max_train_steps))
     denoiser, opt, sched = accelerator.prepare(denoiser, opt, sched)
     schedule = accelerator.unwrap_model(denoiser).schedule
     data = load_digits_split("train")
@@ -136,14 +130,9 @@ def train_style_lora(config: StyleLoraConfig, accelerator=None) -> StyleLoraResu
     dev = accelerator.device
     bar = tqdm(range(config.max_train_steps), desc="style lora", disable=not accelerator.is_main_process)
     for step in bar:
-        idx = torch.randint(0, len(data), (config.batch_size,), generator=gen)
-        x0 = styled[idx]
-        labels = data.labels[idx].clone()
-        labels[torch.rand(config.batch_size, generator=gen) < config.cond_drop_prob] = NULL_CLASS
-        eps = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, schedule.num_train_timesteps, (config.batch_size,), generator=gen)
-        x_t = schedule.add_noise(x0, eps, t)
-        target = schedule.target(x0, eps, t).float()
+        x_t, t, labels, target = denoising_batch(styled, data.labels, schedule, config.batch_size,
+                                                 config.cond_drop_prob, gen)
+        target = target.float()
         cond = Conditioning(class_labels=labels.to(dev), null_class_label=NULL_CLASS)
         with accelerator.autocast():
             pred = denoiser(x_t.to(dev), t.to(dev), cond).model_output
