@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .adapters import DEFAULT_TARGET_MODULES, adapter_parameters, inject_adapters, tuner_layers
+
 if TYPE_CHECKING:
     from peft import LoraConfig
 
@@ -94,23 +96,17 @@ def default_prefix(model: nn.Module) -> str:
     return "unet" if type(model).__name__.startswith("UNet") else "transformer"
 
 
-def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-
-
 def loaded_adapters(target: Any) -> list[str]:
     """Names of the LoRA adapters loaded in ``target``'s network (sorted; empty when it has none)."""
     names: set[str] = set()
-    for _, layer in _tuner_layers(resolve_network(target)):
+    for _, layer in tuner_layers(resolve_network(target)):
         names.update(layer.lora_A.keys() if hasattr(layer, "lora_A") else [])
     return sorted(names)
 
 
 def active_adapters(target: Any) -> list[str]:
     """Names of the adapters currently active in ``target``'s network."""
-    layers = _tuner_layers(resolve_network(target))
+    layers = tuner_layers(resolve_network(target))
     return list(layers[0][1].active_adapters) if layers else []
 
 
@@ -398,7 +394,7 @@ def _is_peft_adapter_model(model: nn.Module) -> bool:
 
 def _activate(model: nn.Module, names: list[str], trainable: set[str]) -> None:
     """Make ``names`` the active adapters; LoRA ``requires_grad`` flags stay as they were except ``trainable``."""
-    layers = [m for _, m in _tuner_layers(model)]
+    layers = [m for _, m in tuner_layers(model)]
     flags = [(p, p.requires_grad) for m in layers for n, p in m.named_parameters() if "lora_" in n]
     for layer in layers:
         layer.set_adapter(names)
@@ -419,7 +415,7 @@ def set_lora_scale(target: Any, scale: float, adapter_name: str = DEFAULT_ADAPTE
     if adapter_name not in loaded_adapters(model):
         loaded = loaded_adapters(model)
         raise ValueError(f"No LoRA adapter {adapter_name!r} in {type(model).__name__} (loaded: {loaded}).")
-    for _, layer in _tuner_layers(model):
+    for _, layer in tuner_layers(model):
         layer.set_scale(adapter_name, float(scale))
 
 
@@ -582,7 +578,7 @@ def add_lora(
 ) -> list[nn.Parameter]:
     """Inject a fresh trainable LoRA (``B = 0``: the network's outputs do not change) and freeze the base.
 
-    Uses :func:`stepdistill.trainers.lora.inject_lora_adapters` (default targets: UNet resnet convs, time
+    Uses :func:`stepdistill.adapters.inject_adapters` (default targets: UNet resnet convs, time
     projections and attention projections). Returns the new LoRA parameters (``requires_grad=True``).
 
     Raises:
@@ -590,7 +586,6 @@ def add_lora(
     """
     from peft import LoraConfig
 
-    from .trainers.lora import DEFAULT_TARGET_MODULES, inject_lora_adapters, lora_parameters
 
     model = resolve_network(target)
     if adapter_name in loaded_adapters(model):
@@ -604,14 +599,14 @@ def add_lora(
                                 lora_dropout=0.0)
             model.add_adapter(config, adapter_name=adapter_name)
         else:
-            inject_lora_adapters(model, rank, alpha, targets, adapters=(adapter_name,))
+            inject_adapters(model, [adapter_name], rank, alpha, targets)
     except ValueError as err:
         raise ValueError(
             f"Could not add a LoRA to {type(model).__name__} with target_modules={targets}: {err}. Pass module "
             "names that exist in the network (e.g. 'conv1', 'conv2', 'to_q')."
         ) from err
     _activate(model, [*before, adapter_name], {adapter_name})
-    return lora_parameters(model, adapter_name)
+    return adapter_parameters(model, adapter_name)
 
 
 __all__ = [

@@ -276,6 +276,18 @@ class NoiseSchedule(ABC):
                 )
         return values
 
+    def sample_timesteps(
+        self, batch_size: int, low: float = 0.0, high: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Training timesteps ``[B]`` (float64), uniform over the fraction ``[low, high]`` of the schedule.
+
+        The base rule is continuous: ``(low + (high - low) * u) * max_timestep`` with ``u ~ U[0, 1)``;
+        :class:`VPSchedule` draws integer indices instead. Every loss that noises samples draws its levels
+        here, with the trainer's explicit ``generator``.
+        """
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        return (low + (high - low) * u) * self.max_timestep
+
     def config(self) -> dict[str, Any]:
         """A JSON-serialisable description of this schedule."""
         return {"family": self.family, "prediction_type": self.prediction_type,
@@ -368,6 +380,17 @@ class VPSchedule(NoiseSchedule):
         frac = t - lo.to(t.dtype)
         abar = table[lo] * (1 - frac) + table[hi] * frac
         return abar.sqrt(), (1 - abar).clamp_min(0).sqrt()
+
+    def sample_timesteps(
+        self, batch_size: int, low: float = 0.0, high: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Integer indices ``UniformInt[int(low*T), int(high*T)]`` inclusive, clipped to ``T - 1`` (float64).
+
+        DMD's default fractions 0.02 / 0.98 give indices 20..980; ``0, 1`` gives every index ``0..T-1``.
+        """
+        T = self.num_train_timesteps
+        lo, hi = int(low * T), min(int(high * T), T - 1)
+        return torch.randint(lo, hi + 1, (batch_size,), generator=generator).double()
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """VP networks take the discrete index itself: a long tensor when integral, else float32.

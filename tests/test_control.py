@@ -130,12 +130,12 @@ def test_scale_zero_and_removal_restore_bitwise(kind):
 
 
 def test_other_adapters_survive_apply_and_remove():
-    from stepdistill.trainers.lora import inject_lora_adapters, lora_parameters
+    from stepdistill.adapters import adapter_parameters, inject_adapters
 
     net = _fine_tuned(_build("unet2d"))
-    inject_lora_adapters(net, rank=2, adapters=("generator",))
+    inject_adapters(net, ["generator"], rank=2)
     with torch.no_grad():
-        for p in lora_parameters(net, "generator"):
+        for p in adapter_parameters(net, "generator"):
             p.normal_(0, 0.1)
     ref = _run(net, "unet2d")
     lora = _trained_lora(_build("unet2d"))
@@ -145,7 +145,7 @@ def test_other_adapters_survive_apply_and_remove():
     remove_lora(net, "control")
     assert loaded_adapters(net) == ["generator"] and active_adapters(net) == ["generator"]
     assert torch.equal(_run(net, "unet2d"), ref)
-    assert all(p.requires_grad for p in lora_parameters(net, "generator"))
+    assert all(p.requires_grad for p in adapter_parameters(net, "generator"))
 
 
 def test_mismatched_architecture_is_a_clear_error():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from stepdistill import Conditioning
+from stepdistill.adapters import parameter_memory_report
 from stepdistill.loading import load_denoiser
 from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
-from stepdistill.trainers.lora import parameter_memory_report
 
 
 def _config(teacher: Path, out: Path, **overrides) -> DMDConfig:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from stepdistill import Conditioning, VPSchedule, initial_noise, sample_teacher
+from stepdistill.data import DigitsSource
 from stepdistill.denoiser import CallableDenoiser
 from stepdistill.loading import load_denoiser
-from stepdistill.trainers.base import DigitsSource
+from stepdistill.losses import FeatureDistance, MSEDistance, build_regression_distance
 from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
-from stepdistill.trainers.losses import FeatureDistance, MSEDistance, build_regression_distance
 from stepdistill.trainers.pairs import (
     PairsFileError,
     check_pairs_match_teacher,

@@ -28,8 +28,8 @@ from tiny_models import (
 )
 
 from stepdistill import Denoiser, VPSchedule
-from stepdistill.trainers.base import parse_config
-from stepdistill.trainers.data import DataSourceError, PromptEncoder, load_prompts, open_dataset
+from stepdistill.configs import parse_config
+from stepdistill.data import DataSourceError, PromptEncoder, load_prompts, open_dataset
 from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from stepdistill import Conditioning, VPSchedule
+from stepdistill.configs import parse_config
 from stepdistill.denoiser import CallableDenoiser
 from stepdistill.loading import ModelFolderError, load_denoiser
-from stepdistill.trainers.base import NonFiniteLossError, list_checkpoints, parse_config
-from stepdistill.trainers.dmd import DMDConfig, DMDTrainer, compute_distribution_matching_loss
-from stepdistill.trainers.losses import distribution_matching_gradient
+from stepdistill.losses import compute_distribution_matching_loss, distribution_matching_gradient
+from stepdistill.trainers.base import NonFiniteLossError, list_checkpoints
+from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,10 +56,12 @@ def test_dmd2_one_step_gan_ema_trains_everything(tiny_teacher, tmp_path):
         assert not unchanged, f"{name} parameters did not change: {unchanged[:5]}"
     for k, v in trainer.teacher.model.named_parameters():
         assert torch.equal(v, teacher0[k]) and not v.requires_grad
-    # outputs: checkpoint with diffusers folders, sample grid, exported student folder
+    # outputs: checkpoint with each model once (diffusers folders + the head), sample grid, exported student
     ckpt = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
-    assert (ckpt / "models" / "generator_ema" / "config.json").is_file()
-    assert (ckpt / "models" / "gan_head.safetensors").is_file()
+    assert (ckpt / "generator" / "model" / "config.json").is_file()
+    assert (ckpt / "critic" / "denoiser" / "model" / "config.json").is_file()
+    assert (ckpt / "critic" / "extra.safetensors").is_file()  # the GAN head
+    assert not list(ckpt.glob("model*.safetensors")), "accelerate wrote the models a second time"
     assert (tmp_path / "run" / "samples" / "step-000002.png").is_file()
     student = load_denoiser(tmp_path / "run" / "student")
     meta = json.loads((tmp_path / "run" / "student" / "stepdistill_student.json").read_text())
@@ -132,7 +135,7 @@ def test_resume_equivalence_multistep_backward_simulation(tiny_teacher, tmp_path
         a = dict(straight.unwrap(name).named_parameters())
         for k, v in resumed.unwrap(name).named_parameters():
             torch.testing.assert_close(v, a[k], rtol=0, atol=1e-6, msg=f"{name}.{k}")
-    for s, r in zip(straight.ema.shadow_params, resumed.ema.shadow_params):
+    for s, r in zip(straight.emas["generator"].shadow_params, resumed.emas["generator"].shadow_params):
         torch.testing.assert_close(s, r, rtol=0, atol=1e-6)
 
 
@@ -149,7 +152,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tiny_teacher,
         trainer.train()
     ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [c.name for c in ckpts] == ["checkpoint-000001"]
-    assert (ckpts[0] / "models" / "generator" / "config.json").is_file()
+    assert (ckpts[0] / "generator" / "model" / "config.json").is_file()
 
 
 def test_bad_inputs_give_clear_errors(tiny_teacher, tmp_path):
@@ -208,7 +211,7 @@ def test_accelerate_launch_two_processes_agree(tiny_teacher, tmp_path, mode):
 def test_gan_head_keeps_enough_channels_per_group_to_discriminate():
     """At 1x1 the head's last GroupNorm must not normalise tiny groups: with 2 channels per group every output
     is +-1 (only the sign of a channel difference survives), which left the digits discriminator at chance."""
-    from stepdistill.trainers.dmd import GANHead, gan_head_groups
+    from stepdistill.networks import GANHead, gan_head_groups
 
     assert gan_head_groups(1280) == 32 and gan_head_groups(64) == 4 and gan_head_groups(16) == 1
     torch.manual_seed(0)

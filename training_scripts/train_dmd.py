@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from stepdistill.trainers.base import parse_config
+from stepdistill.configs import parse_config
 from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
 
 

@@ -1,6 +1,16 @@
-"""Trainers on Accelerate: the base distillation trainer and one config + trainer pair per method."""
+"""Trainers on Accelerate: the role-neutral base trainer and one config + trainer pair per method."""
 
-from .base import DistillationTrainer, NonFiniteLossError, TrainerConfig, parse_config
+from ..configs import parse_config
+from .base import DistillationTrainer, NonFiniteLossError, OptimizerSettings, ParamGroup, TrainerConfig
 from .dmd import DMDConfig, DMDTrainer
 
-__all__ = ["DMDConfig", "DMDTrainer", "DistillationTrainer", "NonFiniteLossError", "TrainerConfig", "parse_config"]
+__all__ = [
+    "DMDConfig",
+    "DMDTrainer",
+    "DistillationTrainer",
+    "NonFiniteLossError",
+    "OptimizerSettings",
+    "ParamGroup",
+    "TrainerConfig",
+    "parse_config",
+]

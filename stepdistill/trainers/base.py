@@ -1,38 +1,40 @@
-"""The base distillation trainer on Accelerate, shared by every method.
+"""The base distillation trainer on Accelerate, shared by every method. It names no method's roles.
 
-What lives here (and nowhere else):
+What lives here:
 
-* config handling: :class:`TrainerConfig` (typed fields with ``help``, validated in ``__post_init__``)
-  and :func:`parse_config` (``--config recipe.yaml`` first, then ``--key value`` overrides);
-* the loop: iterations, gradient accumulation, several named trainable modules each with its own
-  optimizer and LR schedule (generator, critic, ... -- later methods add more), gradient clipping,
-  an optional generator EMA (diffusers ``EMAModel``), flat-name metrics through ``accelerator.log``,
-  a tqdm bar, periodic sample grids and evaluation hooks;
-* checkpoints: ``accelerator.save_state`` plus the models as diffusers folders, written atomically
-  (a temporary folder renamed into place), keep-last-N, ``--resume_from_checkpoint latest``;
-* safety: a non-finite loss stops training with a clear error and never overwrites a checkpoint.
+* :class:`TrainerConfig` -- the fields every method shares (loop, optimizer defaults, precision, checkpoints,
+  logging, the teacher and its network layout), plus the data fields of :class:`~stepdistill.data.DataConfig`;
+* trainables: :meth:`DistillationTrainer.add_trainable` registers a named module with its own
+  :class:`OptimizerSettings` (learning rate, betas, weight decay, parameter groups, update interval, clipping),
+  its own LR schedule and optionally its own EMA; :meth:`~DistillationTrainer.reset_trainable` re-initialises
+  one (fresh weights, optimizer state, schedule, EMA) and :meth:`~DistillationTrainer.freeze_trainable` stops
+  it, both recorded in checkpoints (Phased DMD resets each phase's critic and freezes finished experts);
+* the loop: iterations, gradient accumulation, flat-name metrics through ``accelerator.log`` (reduced across
+  processes only at log steps), a tqdm bar, periodic sample grids and evaluation hooks;
+* checkpoints: ``accelerator.save_state`` with a save / load hook that writes each trainable model ONCE
+  (:mod:`stepdistill.trainers.checkpointing`), written atomically, keep-last-N, ``--resume_from_checkpoint latest``;
+  a non-finite loss stops training with a clear error and never overwrites a checkpoint;
+* the teacher-side helpers every method needs (:meth:`~DistillationTrainer.load_teacher`, guidance, input shape,
+  the data source with an optional subset, the network layout, init networks) and the output helpers (student
+  export, sample-grid pixels, digits evaluation).
 
-A method subclasses :class:`DistillationTrainer` and implements :meth:`~DistillationTrainer.build`
-(models, :meth:`~DistillationTrainer.add_trainable`), :meth:`~DistillationTrainer.training_step`,
-:meth:`~DistillationTrainer.save_models` and :meth:`~DistillationTrainer.export`.
+A method subclasses :class:`DistillationTrainer` and implements :meth:`~DistillationTrainer.build` (models,
+:meth:`~DistillationTrainer.add_trainable`), :meth:`~DistillationTrainer.training_step` and
+:meth:`~DistillationTrainer.export` (and optionally :meth:`~DistillationTrainer.sample_grid` /
+:meth:`~DistillationTrainer.evaluate`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import re
 import shutil
-import sys
 import time
-import types
-import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +42,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import NetworkLayout, make_layout
 from ..conditioning import Conditioning
+from ..data.config import DataConfig
+from ..data.sources import ConditionSource, Predicate, make_data_source
+from ..denoiser import Denoiser
+from .checkpointing import (
+    CHECKPOINT_PREFIX,
+    RNGState,
+    list_checkpoints,
+    load_module_weights,
+    save_module_weights,
+)
 
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,35 +69,36 @@ class NonFiniteLossError(FloatingPointError):
 # --------------------------------------------------------------------------------------------------
 # config
 @dataclass
-class TrainerConfig:
+class TrainerConfig(DataConfig):
     """Fields every distillation trainer shares (a method's config subclasses this).
+
+    The optimizer fields are the defaults of every trainable; a method gives each of its trainables its own
+    :class:`OptimizerSettings` (e.g. DMD's ``generator_learning_rate`` and update ratio).
 
     Example:
         >>> cfg = parse_config(DMDConfig, ["--config", "recipes/digits_dmd2_1step.yaml", "--max_train_steps", "10"])
     """
 
+    teacher: str = field(default="", metadata={"help": "Teacher pipeline folder (unet/ + scheduler/)."})
     output_dir: str = field(default="runs/distill", metadata={"help": "Run folder: checkpoints, samples, export."})
     seed: int = field(default=0, metadata={"help": "Random seed (model init and every noise draw)."})
-    max_train_steps: int = field(default=1000, metadata={"help": "Training iterations (one critic update each)."})
+    max_train_steps: int = field(default=1000, metadata={"help": "Training iterations."})
     train_batch_size: int = field(default=32, metadata={"help": "Micro-batch size per process."})
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches accumulated into one optimizer step."}
     )
-    generator_learning_rate: float = field(default=1e-5, metadata={"help": "Generator AdamW learning rate."})
-    critic_learning_rate: float = field(default=1e-5, metadata={"help": "Critic (fake score) AdamW learning rate."})
-    critic_updates_per_generator_update: int = field(
-        default=5, metadata={"help": "TTUR ratio: the generator steps every N iterations, the critic every one."}
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (default of every trainable)."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (default of every trainable)."})
+    adam_weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay (default of every trainable)."}
     )
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (both optimizers)."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (both optimizers)."})
-    adam_weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     lr_scheduler: str = field(default="constant_with_warmup", metadata={"help": f"One of {list(LR_SCHEDULERS)}."})
-    lr_warmup_steps: int = field(default=500, metadata={"help": "LR warm-up iterations (both optimizers)."})
+    lr_warmup_steps: int = field(default=500, metadata={"help": "LR warm-up iterations (every trainable)."})
     max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping norm; <= 0 disables clipping."})
-    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the generator; exported if set."})
-    ema_decay: float = field(default=0.99, metadata={"help": "Generator EMA decay."})
-    ema_start_step: int = field(default=0, metadata={"help": "Generator updates before the EMA starts averaging."})
+    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the exported network(s); exported if set."})
+    ema_decay: float = field(default=0.99, metadata={"help": "EMA decay."})
+    ema_start_step: int = field(default=0, metadata={"help": "Updates before the EMA starts averaging."})
     mixed_precision: str = field(
         default="no", metadata={"help": "no | fp16 | bf16: frozen models in this dtype, trainables fp32 + autocast."}
     )
@@ -105,114 +119,48 @@ class TrainerConfig:
     log_every: int = field(default=10, metadata={"help": "Log metrics every N iterations."})
     sample_every: int = field(default=0, metadata={"help": "Write a sample grid every N iterations (0: only at end)."})
     eval_every: int = field(default=0, metadata={"help": "Run the evaluation hook every N iterations (0: at end)."})
+    sample_grid_size: int = field(default=20, metadata={"help": "Images per row block of the sample grid."})
+    eval_num_samples: int = field(default=500, metadata={"help": "Samples for digits class accuracy / FID (0: off)."})
     report_to: str = field(default="none", metadata={"help": "accelerate tracker (tensorboard, wandb, ...) or none."})
     tracker_project_name: str = field(default="stepdistill", metadata={"help": "Tracker project name."})
     export: bool = field(default=True, metadata={"help": "Export the student as a pipeline folder at the end."})
-    # data: conditioning (and real images) -- see stepdistill.trainers.data
-    data: str = field(
-        default="digits",
-        metadata={"help": "Conditions / real images: digits | uniform_labels | unconditional | prompts | dataset."},
-    )
-    prompts: str | None = field(
-        default=None, metadata={"help": "data=prompts: a .txt file (one prompt per line), csv/json/parquet, or a "
-                                        "save_to_disk folder."}
-    )
-    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column (default: prompt/text/caption)."})
-    dataset: str | None = field(
-        default=None, metadata={"help": "data=dataset: an image folder (imagefolder), csv/json with image paths, or "
-                                        "a save_to_disk folder (real images for the GAN / noised inputs)."}
-    )
-    data_split: str = field(default="train", metadata={"help": "Split of a multi-split dataset."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column (default: image/file_name/...)."})
-    caption_column: str | None = field(
-        default=None, metadata={"help": "Caption column for text teachers (default: prompt/text/caption)."}
-    )
-    label_column: str | None = field(default=None, metadata={"help": "Class-label column (default: label/class)."})
     sample_shape: list[int] | None = field(
         default=None, metadata={"help": "[C, H, W] of the teacher's inputs (default: from its config's in_channels "
                                         "and sample_size; needed for custom modules)."}
     )
-    num_classes: int = field(default=10, metadata={"help": "Classes for data=uniform_labels."})
-    null_class_label: int = field(default=10, metadata={"help": "The teacher's null class (CFG on labels)."})
+    lora_rank: int = field(
+        default=0,
+        metadata={"help": "0: trainable networks are full copies of the teacher. > 0: shared-base mode, each is a "
+                          "LoRA adapter of this rank on one frozen teacher network."},
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (None: lora_rank)."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names that get LoRA layers (None: resnet convs, time projections and "
+                          "attention projections)."},
+    )
 
     def __post_init__(self) -> None:
-        positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                    "critic_updates_per_generator_update")
-        for name in positive:
+        super().__post_init__()
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("generator_learning_rate", "critic_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         for name in ("lr_warmup_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every",
-                     "sample_every", "eval_every", "ema_start_step", "num_threads"):
+                     "sample_every", "eval_every", "ema_start_step", "num_threads", "eval_num_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}.")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}.")
-        from .data import DATA_SOURCES
-
-        if self.data not in DATA_SOURCES:
-            raise ValueError(f"data must be one of {list(DATA_SOURCES)}, got {self.data!r}.")
-        if self.data == "prompts" and not self.prompts:
-            raise ValueError("data=prompts needs --prompts <file.txt | csv/json/parquet | save_to_disk folder>.")
-        if self.data == "dataset" and not self.dataset:
-            raise ValueError("data=dataset needs --dataset <image folder | csv/json | save_to_disk folder>.")
         if self.sample_shape is not None and (len(self.sample_shape) != 3 or min(self.sample_shape) < 1):
             raise ValueError(f"sample_shape must be [C, H, W] with positive entries, got {self.sample_shape}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
             raise ValueError(f"Adam betas must be in [0, 1), got ({self.adam_beta1}, {self.adam_beta2}).")
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    args = typing.get_args(tp)
-    if (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return tp, False
-
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "y", "on"):
-        return True
-    if text in ("0", "false", "no", "n", "off"):
-        return False
-    raise ValueError(f"expected a boolean (true/false), got {value!r}")
-
-
-def _converter(tp: Any):
-    """A function turning a CLI string or YAML value into the field type ``tp``."""
-    base, optional = _unwrap_optional(tp)
-
-    def convert(value: Any) -> Any:
-        if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
-            return None
-        origin = typing.get_origin(base)
-        if origin in (list, tuple):
-            (elem,) = typing.get_args(base)[:1] or (str,)
-            if isinstance(value, str):
-                value = [v for v in re.split(r"[,\s]+", value.strip().strip("[]")) if v]
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return [_converter(elem)(v) for v in value]
-        if base is bool:
-            return _parse_bool(value)
-        if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"expected an integer, got {value!r}")
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if base is float:
-            return float(value)
-        return value if base is Any else base(value)
-
-    return convert
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: full copies), got {self.lora_rank}.")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -220,176 +168,92 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def parse_config(cls: type, argv: Sequence[str] | None = None) -> Any:
-    """Build a config dataclass from ``--config recipe.yaml`` and ``--key value`` overrides.
-
-    The YAML file sets defaults; command-line flags override them; ``__post_init__`` validates the
-    result. Unknown keys (in YAML or on the command line) are errors. Booleans accept true/false,
-    lists accept ``--student_timesteps 999 749`` or ``999,749``.
+# --------------------------------------------------------------------------------------------------
+# trainables
+@dataclass
+class ParamGroup:
+    """Optimizer settings for some of a trainable's parameters.
 
     Args:
-        cls: The config dataclass (e.g. ``DMDConfig``).
-        argv: Arguments (``sys.argv[1:]`` when ``None``).
-    """
-    import yaml
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    hints = typing.get_type_hints(cls)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    values: dict[str, Any] = {}
-    names = [f.name for f in dataclasses.fields(cls)]
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"Recipe {str(path)!r} does not exist.")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"Recipe {str(path)!r} must be a YAML mapping of config fields.")
-        unknown = sorted(set(loaded) - set(names))
-        if unknown:
-            raise ValueError(f"Recipe {str(path)!r} has unknown key(s) {unknown}; valid keys: {names}.")
-        for key, value in loaded.items():
-            try:
-                values[key] = _converter(hints[key])(value)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"Recipe {str(path)!r}: bad value for {key!r}: {err}") from err
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").split("\n")[0])
-    parser.add_argument("--config", default=None, help="YAML recipe; command-line flags override it.")
-    for f in dataclasses.fields(cls):
-        base, _ = _unwrap_optional(hints[f.name])
-        kwargs: dict[str, Any] = {"type": _converter(hints[f.name]), "help": f.metadata.get("help", ""),
-                                  "default": argparse.SUPPRESS}
-        if typing.get_origin(base) in (list, tuple):
-            kwargs["nargs"] = "+"
-            kwargs["type"] = str
-        parser.add_argument(f"--{f.name}", **kwargs)
-    args = vars(parser.parse_args(rest))
-    args.pop("config", None)
-    for key, value in args.items():
-        values[key] = _converter(hints[key])(value if not isinstance(value, list) else " ".join(value))
-    return cls(**values)
-
-
-# --------------------------------------------------------------------------------------------------
-# data sources: conditions (and real images) for data-free and data-backed training
-class ConditionSource:
-    """Where a trainer draws conditioning (and, optionally, real images) from.
-
-    Subclasses implement :meth:`sample`. ``has_images`` says whether real images come with it
-    (needed by the GAN and by noised-real-data inputs).
+        match: A parameter-name prefix, or ``fn(name) -> bool``. Parameters go to the first group that matches;
+            the rest form the trainable's default group.
+        learning_rate: This group's learning rate (``None``: the trainable's).
+        weight_decay: This group's weight decay (``None``: the trainable's).
     """
 
-    has_images: bool = False
+    match: str | Callable[[str], bool]
+    learning_rate: float | None = None
+    weight_decay: float | None = None
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Conditioning, torch.Tensor | None]:
-        """Return ``(conditioning, images or None)`` for ``batch_size`` samples."""
-        raise NotImplementedError
-
-    def sample_conditions(self, batch_size: int, generator: torch.Generator) -> Conditioning:
-        """The conditioning :meth:`sample` would return for the same generator state, without loading images."""
-        return self.sample(batch_size, generator)[0]
-
-    def grid_conditioning(self, n: int) -> Conditioning:
-        """A fixed conditioning for sample grids (class labels in order, when there are classes)."""
-        raise NotImplementedError
+    def matches(self, name: str) -> bool:
+        """Whether parameter ``name`` belongs to this group."""
+        return self.match(name) if callable(self.match) else name.startswith(self.match)
 
 
-class DigitsSource(ConditionSource):
-    """The digits world's ``train`` split: real 8x8 scans with their class labels (null class 10)."""
+@dataclass
+class OptimizerSettings:
+    """How one trainable is optimised (AdamW); ``None`` fields take the :class:`TrainerConfig` defaults.
 
-    has_images = True
+    Args:
+        learning_rate: Peak learning rate.
+        betas: AdamW betas (default ``(adam_beta1, adam_beta2)``).
+        weight_decay: AdamW weight decay (default ``adam_weight_decay``).
+        eps: AdamW epsilon (default ``adam_epsilon``).
+        update_interval: Step on iterations ``0, N, 2N, ...`` (DMD's generator under TTUR).
+        max_grad_norm: Clipping norm (default ``max_grad_norm``; <= 0 disables clipping).
+        param_groups: Per-group learning rates / weight decays (e.g. a token embedding vs attention copies).
 
-    def __init__(self) -> None:
-        from ..data.digits import NULL_CLASS, load_digits_split
+    Example:
+        >>> OptimizerSettings(learning_rate=1e-5, weight_decay=0.0,
+        ...                   param_groups=[ParamGroup("token_embedding.", learning_rate=5e-3)])
+    """
 
-        split = load_digits_split("train")
-        self.images, self.labels, self.null_class = split.images, split.labels, NULL_CLASS
+    learning_rate: float
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
+    update_interval: int = 1
+    max_grad_norm: float | None = None
+    param_groups: Sequence[ParamGroup] = ()
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Conditioning, torch.Tensor]:
-        """Random scans (with replacement) and their labels."""
-        idx = torch.randint(0, len(self.labels), (batch_size,), generator=generator)
-        cond = Conditioning(class_labels=self.labels[idx].clone(), null_class_label=self.null_class)
-        return cond, self.images[idx].clone()
-
-    def grid_conditioning(self, n: int) -> Conditioning:
-        """Labels ``0..9`` cycling."""
-        return Conditioning(class_labels=torch.arange(n) % 10, null_class_label=self.null_class)
-
-
-class UniformLabelSource(ConditionSource):
-    """Data-free class-conditional training: labels uniform in ``0..num_classes-1``."""
-
-    def __init__(self, num_classes: int, null_class_label: int) -> None:
-        self.num_classes, self.null_class = num_classes, null_class_label
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Conditioning, None]:
-        """Uniform labels, no images."""
-        labels = torch.randint(0, self.num_classes, (batch_size,), generator=generator)
-        return Conditioning(class_labels=labels, null_class_label=self.null_class), None
-
-    def grid_conditioning(self, n: int) -> Conditioning:
-        """Labels in order, cycling."""
-        return Conditioning(class_labels=torch.arange(n) % self.num_classes, null_class_label=self.null_class)
-
-
-class UnconditionalSource(ConditionSource):
-    """Data-free training of an unconditional model."""
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Conditioning, None]:
-        """An empty conditioning."""
-        return Conditioning(), None
-
-    def grid_conditioning(self, n: int) -> Conditioning:
-        """An empty conditioning."""
-        return Conditioning()
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints
-def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-NNNNNN``) in ``folder``, oldest first."""
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.update_interval < 1:
+            raise ValueError(f"update_interval must be >= 1, got {self.update_interval}.")
 
 
 @dataclass
 class Trainable:
-    """One trainable module with its optimizer and LR schedule.
+    """One trainable module with its optimizer, LR schedule, EMA and state.
 
     Args:
-        name: Metric / checkpoint name (``generator``, ``critic``, ...).
+        name: Metric / checkpoint name (a method's role: ``generator``, ``critic``, ``expert_0``, ...).
         module: The module (prepared by Accelerate after :meth:`DistillationTrainer.build`).
         optimizer: Its optimizer.
-        lr_scheduler: Its LR schedule (stepped by the trainer every iteration).
+        lr_scheduler: Its LR schedule (stepped by the trainer every iteration while not frozen).
+        settings: Its :class:`OptimizerSettings`.
+        activate: Context factory its forward / backward passes run in (an adapter on a shared network).
+        ema: Its diffusers ``EMAModel``, or ``None``.
+        frozen: Frozen trainables no longer update (recorded in checkpoints).
+        resets: Iterations at which it was re-initialised (recorded in checkpoints).
+        initial_state: Its weights at registration (CPU), kept when it may be reset to them.
     """
 
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-
-
-class _RNGHolder:
-    """State of the trainer's explicit generators, saved per process in checkpoints."""
-
-    def __init__(self, **generators: torch.Generator) -> None:
-        self.generators = generators
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: g.get_state() for k, g in self.generators.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k, g in self.generators.items():
-            g.set_state(state[k])
+    settings: OptimizerSettings
+    activate: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    ema: Any = None
+    frozen: bool = False
+    resets: list[int] = field(default_factory=list)
+    initial_state: dict[str, torch.Tensor] | None = None
 
 
 def _networks(module: nn.Module) -> list[nn.Module]:
-    """``module.modules()`` plus those of a network it wraps without registering it (a shared-LoRA view)."""
+    """``module.modules()`` plus those of a network it wraps without registering it (a shared-base view)."""
     found = list(module.modules())
     inner = module.__dict__.get("model")
     if isinstance(inner, nn.Module):
@@ -397,15 +261,16 @@ def _networks(module: nn.Module) -> list[nn.Module]:
     return found
 
 
+# --------------------------------------------------------------------------------------------------
 class DistillationTrainer:
-    """Base trainer: Accelerate setup, the iteration loop, checkpoints, logging, EMA, sample grids.
+    """Base trainer: Accelerate setup, trainables, the iteration loop, checkpoints, logging, teacher helpers.
 
-    Subclasses implement :meth:`build`, :meth:`training_step`, :meth:`save_models` and
-    :meth:`export` (and optionally :meth:`sample_grid` and :meth:`evaluate`).
+    Subclasses implement :meth:`build`, :meth:`training_step` and :meth:`export` (and optionally
+    :meth:`sample_grid` and :meth:`evaluate`).
 
     Randomness: ``self.rng`` is a per-process ``torch.Generator`` (noise, data); ``self.shared_rng``
-    is identical on every process (choices that must agree across ranks, e.g. the backward-simulation
-    step). Both are checkpointed, so a resumed run continues the same random stream.
+    is identical on every process (choices that must agree across ranks, e.g. a rollout length). Both are
+    checkpointed, so a resumed run continues the same random stream.
 
     Args:
         config: The method's config (a :class:`TrainerConfig` subclass).
@@ -413,13 +278,23 @@ class DistillationTrainer:
         teacher: A ready :class:`~stepdistill.denoiser.Denoiser` to distill instead of loading
             ``config.teacher`` from a folder -- the way to bring any custom torch module
             (``Denoiser.from_model(module, schedule)``).
+        condition_filter: Keep only the conditions (and real images) this predicate accepts in ``self.data``
+            (``fn(Conditioning of N items) -> [N] bool``); ``self.full_data`` stays whole (multi-student
+            distillation filters a student's data but not its regression pairs).
     """
 
-    def __init__(self, config: TrainerConfig, accelerator=None, teacher=None) -> None:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        accelerator=None,
+        teacher: Denoiser | None = None,
+        condition_filter: Predicate | None = None,
+    ) -> None:
         from accelerate.utils import set_seed
 
         self.config = config
         self.teacher_override = teacher
+        self.condition_filter = condition_filter
         self.accelerator = accelerator if accelerator is not None else self._make_accelerator()
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
@@ -437,9 +312,9 @@ class DistillationTrainer:
         self.shared_rng = torch.Generator().manual_seed(config.seed * 7919 + 17)
         self.global_step = 0
         self.trainables: dict[str, Trainable] = {}
-        self.ema = None
-        self.ema_target: nn.Module | None = None
-        self._rng_holder = _RNGHolder(rng=self.rng, shared=self.shared_rng)
+        self._rng_state = RNGState(rng=self.rng, shared=self.shared_rng)
+        self._grid_decoder = None
+        self._digits_evaluator = None
         self.build()
         self._prepare()
 
@@ -460,19 +335,47 @@ class DistillationTrainer:
         )
 
     def build(self) -> None:
-        """Create the models, call :meth:`add_trainable` for each trainable one, set up EMA if wanted."""
+        """Create the models and call :meth:`add_trainable` for each trainable one."""
         raise NotImplementedError
 
-    def add_trainable(self, name: str, module: nn.Module, learning_rate: float) -> None:
-        """Register a trainable module: fp32 trainable weights, its own AdamW optimizer and LR schedule."""
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import cast_training_params
+    def optimizer_settings(self, learning_rate: float, **overrides: Any) -> OptimizerSettings:
+        """:class:`OptimizerSettings` with this config's AdamW defaults, ``learning_rate`` and ``overrides``."""
+        cfg = self.config
+        kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                      eps=cfg.adam_epsilon, max_grad_norm=cfg.max_grad_norm)
+        kwargs.update(overrides)
+        return OptimizerSettings(learning_rate=learning_rate, **kwargs)
 
+    def add_trainable(
+        self,
+        name: str,
+        module: nn.Module,
+        settings: OptimizerSettings,
+        activate: Callable[[], contextlib.AbstractContextManager] | None = None,
+        ema: bool = False,
+        resettable: bool = False,
+    ) -> None:
+        """Register a trainable module: fp32 trainable weights, its own AdamW optimizer, LR schedule and EMA.
+
+        Args:
+            name: Its name in metrics, checkpoints and :meth:`optimizer_step`.
+            module: The module (call from :meth:`build`, before Accelerate prepares it).
+            settings: Its :class:`OptimizerSettings` (see :meth:`optimizer_settings`).
+            activate: Context factory its forward and backward passes run in (``layout.activate(role)`` for a
+                shared-base adapter; backward runs inside it so checkpointed blocks recompute with this adapter).
+            ema: Keep an EMA of its parameters (``ema_decay`` / ``ema_start_step`` of the config).
+            resettable: Keep a CPU copy of its initial weights for :meth:`reset_trainable`.
+        """
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel, cast_training_params
+
+        if name in self.trainables:
+            raise ValueError(f"A trainable named {name!r} exists already.")
         cfg = self.config
         module.train()
         cast_training_params(module, dtype=torch.float32)  # frozen parts (e.g. a shared LoRA base) keep their dtype
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError(f"Trainable module {name!r} has no parameters that require grad.")
         if cfg.gradient_checkpointing:
             for m in _networks(module):
@@ -481,13 +384,45 @@ class DistillationTrainer:
         if cfg.enable_xformers_memory_efficient_attention:
             self._enable_xformers(module)
         optimizer = torch.optim.AdamW(
-            params, lr=learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+            self._param_groups(named, settings), lr=settings.learning_rate, betas=settings.betas,
+            weight_decay=settings.weight_decay, eps=settings.eps,
         )
         lr_scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
         )
-        self.trainables[name] = Trainable(name, module, optimizer, lr_scheduler)
+        # decay is 0 (a plain copy) for the first `ema_start_step` updates, as diffusers' update_after_step.
+        ema_model = EMAModel(module.parameters(), decay=cfg.ema_decay, update_after_step=cfg.ema_start_step) \
+            if ema else None
+        initial = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if resettable else None
+        self.trainables[name] = Trainable(name, module, optimizer, lr_scheduler, settings,
+                                          activate or contextlib.nullcontext, ema_model, initial_state=initial)
+
+    @staticmethod
+    def _param_groups(named: list[tuple[str, nn.Parameter]], settings: OptimizerSettings) -> list:
+        """One AdamW group per :class:`ParamGroup` that matches something, then the rest (a plain list if no groups)."""
+        if not settings.param_groups:
+            return [p for _, p in named]
+        buckets: list[list[nn.Parameter]] = [[] for _ in settings.param_groups]
+        rest = []
+        for n, p in named:
+            for i, group in enumerate(settings.param_groups):
+                if group.matches(n):
+                    buckets[i].append(p)
+                    break
+            else:
+                rest.append(p)
+        groups = []
+        for group, params in zip(settings.param_groups, buckets):
+            if params:
+                entry: dict[str, Any] = {"params": params}
+                if group.learning_rate is not None:
+                    entry["lr"] = group.learning_rate
+                if group.weight_decay is not None:
+                    entry["weight_decay"] = group.weight_decay
+                groups.append(entry)
+        if rest:
+            groups.append({"params": rest})
+        return groups
 
     @staticmethod
     def _enable_xformers(module: nn.Module) -> None:
@@ -501,15 +436,6 @@ class DistillationTrainer:
                 m.enable_xformers_memory_efficient_attention()
                 return
 
-    def enable_ema(self, module: nn.Module) -> None:
-        """Keep an EMA of ``module``'s parameters (call from :meth:`build`, on the unprepared module)."""
-        from diffusers.training_utils import EMAModel
-
-        self.ema_target = module
-        # decay is 0 (a plain copy) for the first `ema_start_step` updates, as diffusers' update_after_step.
-        self.ema = EMAModel(module.parameters(), decay=self.config.ema_decay,
-                            update_after_step=self.config.ema_start_step)
-
     def _prepare(self) -> None:
         acc = self.accelerator
         names = list(self.trainables)
@@ -520,63 +446,231 @@ class DistillationTrainer:
         for i, n in enumerate(names):
             self.trainables[n].module, self.trainables[n].optimizer = prepared[2 * i], prepared[2 * i + 1]
         # LR schedules are stepped by hand every iteration (Accelerate's wrapper would step them once per
-        # process and skip iterations where a generator does not update); register them for checkpoints.
+        # process and skip iterations where a trainable does not update); register them for checkpoints.
         for n in names:
             acc.register_for_checkpointing(self.trainables[n].lr_scheduler)
-        if self.ema is not None:
-            self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
+        for n in names:
+            ema = self.trainables[n].ema
+            if ema is not None:
+                ema.to(acc.device)
+                acc.register_for_checkpointing(ema)
+        acc.register_save_state_pre_hook(self._save_models_hook)
+        acc.register_load_state_pre_hook(self._load_models_hook)
 
     def unwrap(self, name: str) -> nn.Module:
         """The bare module of trainable ``name`` (no DDP / autocast wrapper)."""
         return self.accelerator.unwrap_model(self.trainables[name].module)
 
+    @property
+    def emas(self) -> dict[str, Any]:
+        """The EMA of each trainable that keeps one."""
+        return {n: t.ema for n, t in self.trainables.items() if t.ema is not None}
+
     # ----------------------------------------------------------------------------------------------
     # optimisation helpers for subclasses
+    def should_update(self, name: str, step: int) -> bool:
+        """Whether trainable ``name`` takes an optimizer step at iteration ``step`` (its interval; not frozen)."""
+        t = self.trainables[name]
+        return not t.frozen and step % t.settings.update_interval == 0
+
     def sync_context(self, name: str, micro_step: int):
         """Context for one micro-batch of ``name``: skips the DDP gradient all-reduce except on the last."""
         if micro_step < self.config.gradient_accumulation_steps - 1:
             return self.accelerator.no_sync(self.trainables[name].module)
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of a micro-batch loss, scaled by ``1 / gradient_accumulation_steps``."""
-        self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
+    def backward(self, loss: torch.Tensor, name: str | None = None) -> None:
+        """Backward of a micro-batch loss, scaled by ``1 / gradient_accumulation_steps``.
+
+        With ``name``, it runs in that trainable's ``activate`` context (with gradient checkpointing the blocks
+        of a shared network are recomputed during backward, and must see the adapter of their forward).
+        """
+        ctx = self.trainables[name].activate() if name is not None else contextlib.nullcontext()
+        with ctx:
+            self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
 
     def optimizer_step(self, name: str) -> float:
-        """Clip, step and zero the optimizer of ``name``; return the pre-clip gradient norm."""
+        """Clip, step and zero the optimizer of ``name``, update its EMA; return the pre-clip gradient norm."""
         t = self.trainables[name]
+        if t.frozen:
+            raise RuntimeError(f"Trainable {name!r} is frozen: it takes no optimizer steps.")
         params = [p for p in t.module.parameters() if p.requires_grad]
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        clip = t.settings.max_grad_norm if t.settings.max_grad_norm is not None else self.config.max_grad_norm
+        norm = self.accelerator.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and self.unwrap(name) is self.ema_target:
-            self.ema.step(self.ema_target.parameters())
+        if t.ema is not None:
+            t.ema.step(self.unwrap(name).parameters())
         return float(norm) if norm is not None else float("nan")
 
     def zero_grad(self) -> None:
-        """Zero the gradients of every trainable (DMD2 zeroes both after each step)."""
+        """Zero the gradients of every trainable."""
         for t in self.trainables.values():
             t.optimizer.zero_grad(set_to_none=True)
 
-    def is_generator_step(self, step: int) -> bool:
-        """TTUR: the generator updates on iterations ``0, N, 2N, ...``."""
-        return step % self.config.critic_updates_per_generator_update == 0
-
     @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
-        """Temporarily swap the EMA weights into the EMA target (no-op without EMA)."""
-        if self.ema is None or self.ema_target is None:
+    def ema_weights(self, name: str) -> Iterator[None]:
+        """Temporarily swap trainable ``name``'s EMA weights in (no-op without an EMA)."""
+        ema = self.trainables[name].ema
+        if ema is None:
             yield
             return
-        params = list(self.ema_target.parameters())
-        self.ema.store(params)
-        self.ema.copy_to(params)
+        params = list(self.unwrap(name).parameters())
+        ema.store(params)
+        ema.copy_to(params)
         try:
             yield
         finally:
-            self.ema.restore(params)
+            ema.restore(params)
+
+    @torch.no_grad()
+    def reset_trainable(self, name: str, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Re-initialise trainable ``name``: weights, optimizer state, LR schedule (warm-up again) and EMA.
+
+        Args:
+            name: The trainable.
+            state: Its new weights (a full ``state_dict``); default: its weights at registration (needs
+                ``resettable=True`` in :meth:`add_trainable`).
+        """
+        t = self.trainables[name]
+        if state is None:
+            if t.initial_state is None:
+                raise ValueError(f"reset_trainable({name!r}) without a state needs add_trainable(..., "
+                                 "resettable=True).")
+            state = t.initial_state
+        module = self.unwrap(name)
+        module.load_state_dict(state, strict=True)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.optimizer.state.clear()
+        sched = t.lr_scheduler
+        sched.last_epoch = 0
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(0)
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        if t.ema is not None:
+            t.ema.shadow_params = [p.detach().clone() for p in module.parameters()]
+            t.ema.optimization_step = 0
+        t.resets.append(self.global_step)
+
+    def freeze_trainable(self, name: str) -> None:
+        """Freeze trainable ``name`` for the rest of the run: no gradients, no optimizer / schedule / EMA steps."""
+        t = self.trainables[name]
+        t.frozen = True
+        t.optimizer.zero_grad(set_to_none=True)
+        self.unwrap(name).requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------------------
+    # teacher-side helpers for build()
+    def load_teacher(self) -> Denoiser:
+        """The teacher denoiser (``teacher=`` given to the constructor, else ``config.teacher``).
+
+        Sets ``self.schedule`` and ``self.sample_shape``.
+        """
+        from ..loading import load_denoiser
+        from .teacher import infer_sample_shape
+
+        if self.teacher_override is not None:
+            teacher = self.teacher_override
+        elif not self.config.teacher:
+            raise ValueError("No teacher: pass --teacher <pipeline folder> (e.g. stepdistill/assets/digits/teacher).")
+        else:
+            teacher = load_denoiser(self.config.teacher)
+        self.schedule = teacher.schedule
+        self.sample_shape = infer_sample_shape(teacher.model, self.config.sample_shape)
+        return teacher
+
+    @property
+    def teacher_spec(self) -> str | None:
+        """The teacher folder (``None`` for a teacher passed as a module)."""
+        return None if self.teacher_override is not None or not self.config.teacher else self.config.teacher
+
+    def resolve_guidance(self, override: float | None) -> float:
+        """The teacher's CFG weight: ``override``, else its folder's recommendation, else 1."""
+        from .teacher import resolve_guidance
+
+        return resolve_guidance(override, self.teacher_spec)
+
+    def make_layout(self, teacher: Denoiser, roles: Sequence[str]) -> NetworkLayout:
+        """The network layout of the config (full copies, or ``lora_rank`` adapters named ``roles`` on one base)."""
+        from .teacher import fp32_weights
+
+        cfg, spec = self.config, self.teacher_spec
+        base_weights = (lambda: fp32_weights(spec)) if spec is not None else None
+        return make_layout(teacher, cfg.lora_rank, roles, cfg.lora_alpha, cfg.lora_target_modules,
+                           base_dtype=self.weight_dtype, base_weights=base_weights)
+
+    def build_data(self, network: nn.Module) -> ConditionSource:
+        """Make ``self.full_data`` from the config and ``self.data`` (its subset under ``condition_filter``).
+
+        Real images are checked against the teacher's input shape. Returns ``self.data``.
+        """
+        from .teacher import teacher_root
+
+        self.full_data = make_data_source(self.config, teacher_root(self.teacher_spec), network,
+                                          self.accelerator.device, self.weight_dtype)
+        if self.full_data.has_images:
+            _, imgs = self.full_data.sample(1, torch.Generator().manual_seed(0))
+            if tuple(imgs.shape[1:]) != self.sample_shape:
+                raise ValueError(
+                    f"Real images have shape {tuple(imgs.shape[1:])} but the teacher works on {self.sample_shape}: "
+                    f"data={self.config.data!r} does not fit this teacher."
+                )
+        self.data = self.full_data if self.condition_filter is None else self.full_data.subset(self.condition_filter)
+        return self.data
+
+    def load_init_network(self, path: str | Path, like: nn.Module, what: str = "init_generator") -> nn.Module:
+        """A trainable network with ``like``'s architecture from a model / student / checkpoint folder."""
+        from .teacher import load_init_network
+
+        return load_init_network(path, like, what)
+
+    # ----------------------------------------------------------------------------------------------
+    # output helpers
+    @property
+    def null_class_label(self) -> int | None:
+        """The null class of the data's conditions (``None`` for unconditional or text data)."""
+        return None if self.config.data == "unconditional" else self.data.grid_conditioning(1).null_class_label
+
+    def export_student(self, network: nn.Module, folder: Path, timesteps: Sequence[float], metadata: dict) -> Path:
+        """Write ``network`` as a student pipeline folder (:func:`~.outputs.export_student_folder`)."""
+        from .outputs import export_student_folder
+
+        return export_student_folder(network, folder, timesteps, metadata, self.teacher_spec, self.schedule,
+                                     self.null_class_label)
+
+    @torch.no_grad()
+    def sample_images(self, name: str, timesteps: Sequence[float], cond: Conditioning, seeds: Sequence[int]):
+        """Few-step samples of trainable ``name`` (a denoiser; EMA weights if it keeps one), one seed per image."""
+        from ..sampling import initial_noise, make_generators, sample_student
+
+        device = self.accelerator.device
+        gens = make_generators(seeds)
+        den = self.unwrap(name)
+        with self.ema_weights(name):
+            den.eval()
+            z = initial_noise((len(seeds), *self.sample_shape), gens)
+            out = sample_student(den, z.to(device), cond.to(device), list(timesteps), generator=gens)
+        den.train()
+        return out.float().cpu()
+
+    def grid_pixels(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[-1, 1]`` pixels of samples for a grid (latents decoded by the teacher's VAE; ``None`` without one)."""
+        from .outputs import GridDecoder
+
+        if self._grid_decoder is None:
+            vae = getattr(self.data, "vae", None)  # the data source's VAE, when it loaded one
+            self._grid_decoder = GridDecoder(self.teacher_spec, self.accelerator.device, vae)
+        return self._grid_decoder(x)
+
+    def evaluate_digits(self, sample: Callable[[Conditioning, Sequence[int]], torch.Tensor]) -> dict[str, float]:
+        """Digits class accuracy and FID of ``sample(cond, seeds)`` (``{}`` off the digits world)."""
+        from .outputs import DigitsEvaluator
+
+        if self.config.data != "digits" or self.config.eval_num_samples == 0:
+            return {}
+        if self._digits_evaluator is None:
+            self._digits_evaluator = DigitsEvaluator(self.config.eval_num_samples, self.null_class_label)
+        return self._digits_evaluator(sample)
 
     # ----------------------------------------------------------------------------------------------
     # what methods implement
@@ -586,10 +680,6 @@ class DistillationTrainer:
         Metrics use flat names (``loss/dm``, ``grad_norm/generator``); keys starting with ``loss/`` are
         checked for NaN / inf.
         """
-        raise NotImplementedError
-
-    def save_models(self, folder: Path) -> None:
-        """Write the trainable models as diffusers folders into ``folder`` (main process only)."""
         raise NotImplementedError
 
     def export(self, folder: Path) -> Path:
@@ -605,10 +695,42 @@ class DistillationTrainer:
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
+    def _trainable_name(self, model: nn.Module) -> str:
+        bare = self.accelerator.unwrap_model(model)
+        for n in self.trainables:
+            if self.unwrap(n) is bare:
+                return n
+        raise RuntimeError(f"A {type(bare).__name__} prepared by Accelerate is not a registered trainable.")
+
+    def _save_models_hook(self, models: list, weights: list, output_dir: str) -> None:
+        """Accelerate save hook: each trainable into ``<checkpoint>/<name>/`` (diffusers folders), once."""
+        if len(weights) != len(models):  # FSDP / DeepSpeed wrote the models themselves
+            return
+        if self.accelerator.is_main_process:
+            for model in models:
+                folder = Path(output_dir) / self._trainable_name(model)
+                save_module_weights(self.accelerator.unwrap_model(model), folder)
+        weights.clear()  # accelerate must not write them a second time
+
+    def _load_models_hook(self, models: list, input_dir: str) -> None:
+        """Accelerate load hook: read each trainable back from ``<checkpoint>/<name>/``."""
+        for model in list(models):
+            folder = Path(input_dir) / self._trainable_name(model)
+            if folder.is_dir():
+                load_module_weights(self.accelerator.unwrap_model(model), folder)
+                models.remove(model)
+
     def last_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of this run, if any."""
         found = list_checkpoints(self.checkpoint_dir)
         return found[-1] if found else None
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "num_processes": self.accelerator.num_processes,
+            "trainables": {n: {"frozen": t.frozen, "resets": list(t.resets)} for n, t in self.trainables.items()},
+        }
 
     def save_checkpoint(self) -> Path:
         """Save a checkpoint atomically (every process takes part); prune to ``checkpoints_total_limit``."""
@@ -627,11 +749,9 @@ class DistillationTrainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        torch.save(self._rng_holder.state_dict(), tmp / f"trainer_rng_{acc.process_index}.pt")
+        torch.save(self._rng_state.state_dict(), tmp / f"trainer_rng_{acc.process_index}.pt")
         if acc.is_main_process:
-            self.save_models(tmp / "models")
-            state = {"global_step": self.global_step, "num_processes": acc.num_processes}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(), indent=2) + "\n")
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
@@ -645,19 +765,24 @@ class DistillationTrainer:
         return final
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore models, optimizers, LR schedules, EMA, RNG streams and the step from ``path``."""
+        """Restore models, optimizers, LR schedules, EMAs, frozen / reset records, RNG streams and the step."""
         path = Path(path)
-        state_file = path / "trainer_state.json"
+        state_file = path / TRAINER_STATE
         if not state_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a stepdistill checkpoint (no trainer_state.json).")
+            raise FileNotFoundError(f"{str(path)!r} is not a stepdistill checkpoint (no {TRAINER_STATE}).")
         state = json.loads(state_file.read_text())
         self.accelerator.load_state(str(path))
         rng_file = path / f"trainer_rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
-            self._rng_holder.load_state_dict(torch.load(rng_file, weights_only=True))
+            self._rng_state.load_state_dict(torch.load(rng_file, weights_only=True))
         else:
             logger.warning("Checkpoint %s has no RNG state for process %d; noise streams restart.",
                            path, self.accelerator.process_index)
+        for name, record in state.get("trainables", {}).items():
+            if name in self.trainables:
+                self.trainables[name].resets = list(record.get("resets", []))
+                if record.get("frozen"):
+                    self.freeze_trainable(name)
         self.global_step = int(state["global_step"])
 
     def _resolve_resume(self) -> Path | None:
@@ -676,7 +801,7 @@ class DistillationTrainer:
 
     # ----------------------------------------------------------------------------------------------
     # the loop
-    def _reduce_metrics(self, metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    def _reduce_metrics(self, metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
         if not metrics:
             return {}
         keys = sorted(metrics)
@@ -685,7 +810,7 @@ class DistillationTrainer:
         vec = self.accelerator.reduce(vec, reduction="mean") if self.accelerator.num_processes > 1 else vec
         return dict(zip(keys, vec.cpu().tolist()))
 
-    def _check_finite(self, metrics: dict[str, float]) -> None:
+    def _check_finite(self, metrics: Mapping[str, float]) -> None:
         bad = {k: v for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)}
         if bad:
             last = self.last_checkpoint()
@@ -727,7 +852,8 @@ class DistillationTrainer:
         for step in bar:
             raw = self.training_step(step)
             for t in self.trainables.values():
-                t.lr_scheduler.step()
+                if not t.frozen:
+                    t.lr_scheduler.step()
             metrics = self._reduce_metrics(raw)
             self._check_finite(metrics)
             self.global_step = step + 1
@@ -795,15 +921,12 @@ class DistillationTrainer:
 
 
 __all__ = [
-    "ConditionSource",
-    "DigitsSource",
     "DistillationTrainer",
     "NonFiniteLossError",
+    "OptimizerSettings",
+    "ParamGroup",
     "Trainable",
     "TrainerConfig",
-    "UniformLabelSource",
-    "UnconditionalSource",
     "config_to_dict",
     "list_checkpoints",
-    "parse_config",
 ]

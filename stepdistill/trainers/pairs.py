@@ -1,4 +1,4 @@
-"""DMD1 regression pairs (``dmd.md`` §6): teacher ODE samples on fixed noise, made once and stored.
+"""DMD1 regression pairs (Yin et al., DMD, CVPR 2024): teacher ODE samples on fixed noise, made once and stored.
 
 A pair set is fixed by ``(teacher, data source, count, steps, guidance, seed)``. Pair ``i``:
 
@@ -39,12 +39,12 @@ import torch
 from torch import nn
 
 from ..conditioning import Conditioning
+from ..data.sources import ConditionSource
 from ..denoiser import Denoiser
 from ..loading import teacher_guidance_scale
 from ..sampling import initial_noise, make_generators, sample_teacher
 from ..schedules import NoiseSchedule, VPSchedule
 from ..utils import atomic_write_file
-from .base import ConditionSource
 
 PAIRS_FORMAT = "stepdistill.regression_pairs"
 PAIRS_VERSION = 1
@@ -426,6 +426,51 @@ def check_pairs_match_teacher(
         )
 
 
+def regression_pairs_for_training(
+    config: Any,
+    teacher: Denoiser,
+    source: ConditionSource,
+    sample_shape: Sequence[int],
+    guidance_scale: float,
+    device: torch.device | str,
+) -> RegressionPairs:
+    """The DMD1 pairs a trainer uses: read from ``config.regression_pairs`` (and checked), or generated now.
+
+    With ``regression_pairs`` they are read from that file and checked against this teacher and data source
+    (:func:`check_pairs_match_teacher`; a warning when its guidance or data option differ); otherwise the same
+    :func:`generate_regression_pairs` that ``stepdistill pairs`` runs makes ``num_regression_pairs`` of them
+    (seed :func:`default_pairs_seed`), so a file made from the same recipe holds exactly these pairs.
+
+    Args:
+        config: The trainer config (a :class:`~stepdistill.trainers.dmd.DMDConfig`).
+        teacher: The frozen teacher.
+        source: The data source the conditions come from (the whole one, never a student's subset).
+        sample_shape: ``[C, H, W]``.
+        guidance_scale: The teacher CFG weight the pairs are made with.
+        device: Where the teacher runs.
+    """
+    import warnings
+
+    if config.regression_pairs:
+        pairs = load_regression_pairs(config.regression_pairs)
+        example, _ = source.sample(1, torch.Generator().manual_seed(0))
+        check_pairs_match_teacher(pairs, teacher, sample_shape, example, config.regression_pairs_verify,
+                                  where=f"regression_pairs={config.regression_pairs!r}")
+        made_with = pairs.metadata.get("guidance_scale")
+        if made_with is not None and not math.isclose(float(made_with), guidance_scale):
+            warnings.warn(f"regression_pairs were made with teacher guidance {made_with} but the real score "
+                          f"uses {guidance_scale}.", stacklevel=2)
+        if pairs.metadata.get("data") not in (None, config.data):
+            warnings.warn(f"regression_pairs were made with data={pairs.metadata['data']!r} conditions but this "
+                          f"run uses data={config.data!r}.", stacklevel=2)
+        return pairs
+    return generate_regression_pairs(
+        teacher, source, config.num_regression_pairs, sample_shape, config.regression_teacher_steps,
+        guidance_scale, default_pairs_seed(config.seed), device=device,
+        metadata={"teacher": str(config.teacher), "data": config.data},
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # the command
 def _teacher_root(teacher: str) -> Path:
@@ -483,9 +528,9 @@ def generate_pairs_main(argv: Sequence[str] | None = None) -> Path:
 
     from accelerate import PartialState
 
+    from ..configs import parse_config
+    from ..data.sources import make_data_source
     from ..loading import load_denoiser
-    from .base import parse_config
-    from .data import make_data_source
     from .dmd import DMDConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -565,6 +610,7 @@ __all__ = [
     "pair_conditions",
     "pair_noise_seed",
     "read_pairs_metadata",
+    "regression_pairs_for_training",
     "save_regression_pairs",
     "schedule_identity",
 ]

@@ -1,19 +1,9 @@
-"""Small loss callables shared by the distillation trainers.
+"""DMD1's regression loss distances ``d(G(z), y)`` (Yin et al., DMD, CVPR 2024, Eq. 9), one value per sample.
 
-Every loss returns **one value per sample** (shape ``[B]``); the trainer weights and reduces (the
-NVlabs/edm habit). No Accelerate, no networks: the callers feed tensors they computed.
-
-* :func:`distribution_matching_gradient` and :class:`DistributionMatchingLoss` -- DMD's generator
-  gradient with per-sample normalisation and its stop-gradient MSE surrogate (``dmd.md`` §2.1).
-* :class:`DenoisingScoreMatchingLoss` -- the fake-score critic's loss in the network's own
-  parameterization (``dmd.md`` §4.1).
-* :class:`GANGeneratorLoss`, :class:`GANDiscriminatorLoss` -- DMD2's non-saturating softplus losses
-  (``dmd.md`` §7).
-* :class:`RegressionDistance` -- the pluggable distance of DMD1's regression loss (``dmd.md`` §6):
-  :class:`MSEDistance`, :class:`FeatureDistance` (the digits classifier's activations, LPIPS-style
-  without learned weights) and :class:`LPIPSDistance` (the ``lpips`` package with local weights), built
-  by name with :func:`build_regression_distance`. The two perceptual ones hold a frozen network that the
-  caller's samples are pushed through (the gradient reaches the samples, never the network).
+:class:`MSEDistance`, :class:`FeatureDistance` (the digits classifier's activations, LPIPS-style without
+learned weights) and :class:`LPIPSDistance` (the ``lpips`` package with local weights), built by name with
+:func:`build_regression_distance`. The two perceptual ones hold a frozen network that the caller's samples
+are pushed through (the gradient reaches the samples, never the network).
 """
 
 from __future__ import annotations
@@ -26,95 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the batch: ``[B, ...] -> [B]``."""
-    return x.reshape(x.shape[0], -1).mean(dim=1)
-
-
-@torch.no_grad()
-def distribution_matching_gradient(
-    x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
-    """DMD's normalised distribution-matching gradient (``dmd.md`` §2.1 step 6).
-
-    ``grad = (x0_fake - x0_real) / mean_{C,H,W} |x - x0_real|``, the mean taken **per sample**.
-    It equals ``(p_real - p_fake) / mean|p_real|`` with ``p = x - x0``, i.e. DMD1 Eq. 7-8 without the
-    ``alpha_t`` factor, as in the official code. Non-finite entries become 0 (``nan_to_num``) and the
-    normaliser is clamped at ``eps``.
-
-    Args:
-        x: Generator samples ``[B, ...]`` (x0 space).
-        x0_real: The teacher's (real score's, CFG-guided) x0 prediction at ``x_t``.
-        x0_fake: The fake score's x0 prediction at the same ``x_t``.
-        eps: Lower clamp of the per-sample normaliser.
-
-    Returns:
-        ``grad`` with the shape of ``x`` (float32).
-    """
-    x, x0_real, x0_fake = x.float(), x0_real.float(), x0_fake.float()
-    dims = list(range(1, x.ndim))
-    norm = (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(eps)
-    return torch.nan_to_num((x0_fake - x0_real) / norm)
-
-
-class DistributionMatchingLoss:
-    """The DM generator loss as a stop-gradient surrogate (``dmd.md`` §2.1 step 7).
-
-    ``loss = 0.5 * mean_{C,H,W} (x - sg(x - grad))^2`` per sample, so that after the trainer's batch
-    mean ``d loss / d x = grad / numel`` exactly as in the reference code (``reduction="mean"``).
-
-    Example:
-        >>> loss = DistributionMatchingLoss()(x, x0_real, x0_fake)  # [B]
-        >>> loss.mean().backward()  # pushes grad / x.numel() into dG/dtheta
-    """
-
-    def __call__(self, x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-        """Return the per-sample surrogate loss ``[B]`` (its value is ``0.5 * mean(grad^2)``)."""
-        grad = distribution_matching_gradient(x, x0_real, x0_fake)
-        target = (x.float() - grad).detach()
-        return 0.5 * _per_sample_mean((x.float() - target) ** 2)
-
-
-class DenoisingScoreMatchingLoss:
-    """Unweighted denoising score matching in the network's parameterization (``dmd.md`` §4.1).
-
-    ``mean_{C,H,W} (model_output - target)^2`` per sample, where ``target`` is
-    ``schedule.target(x0, eps, t)`` (eps for eps-models, v for v-models, ``eps - x0`` for flow).
-    """
-
-    def __call__(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Return ``[B]`` per-sample MSE."""
-        return _per_sample_mean((model_output.float() - target.float()) ** 2)
-
-
-class GANGeneratorLoss:
-    """Non-saturating generator loss ``softplus(-D(fake))`` per sample (``dmd.md`` §7)."""
-
-    def __call__(self, fake_logits: torch.Tensor) -> torch.Tensor:
-        """Return ``[B]`` losses from ``[B]`` or ``[B, 1]`` logits."""
-        return F.softplus(-fake_logits.float().reshape(fake_logits.shape[0], -1)).mean(dim=1)
-
-
-class GANDiscriminatorLoss:
-    """Discriminator loss ``softplus(D(fake)) + softplus(-D(real))`` per sample (``dmd.md`` §7).
-
-    The fake and real batches must have the same size (the trainer draws them so).
-    """
-
-    def __call__(self, fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
-        """Return ``[B]`` losses."""
-        fake = F.softplus(fake_logits.float().reshape(fake_logits.shape[0], -1)).mean(dim=1)
-        real = F.softplus(-real_logits.float().reshape(real_logits.shape[0], -1)).mean(dim=1)
-        return fake + real
-
+from ._common import per_sample_mean
 
 #: Names accepted by :func:`build_regression_distance` (``DMDConfig.regression_distance``).
 REGRESSION_DISTANCES = ("mse", "digits_features", "lpips")
 
 
 class RegressionDistance(nn.Module):
-    """The interface of DMD1's regression distance ``d(G(z), y)`` (``dmd.md`` §6): one value per sample.
+    """The interface of DMD1's regression distance ``d(G(z), y)`` (DMD Eq. 9): one value per sample.
 
     Subclasses implement :meth:`distance` on float32 tensors of equal shape. Calling the module checks
     the shapes and adds ``pixel_weight * MSE`` when ``pixel_weight > 0`` (an absolute-intensity anchor for
@@ -154,7 +63,7 @@ class RegressionDistance(nn.Module):
         prediction, target = prediction.float(), target.detach().float()
         out = self.distance(prediction, target)
         if self.pixel_weight > 0:
-            out = out + self.pixel_weight * _per_sample_mean((prediction - target) ** 2)
+            out = out + self.pixel_weight * per_sample_mean((prediction - target) ** 2)
         return out
 
     def train(self, mode: bool = True) -> RegressionDistance:
@@ -172,7 +81,7 @@ class MSEDistance(RegressionDistance):
 
     def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return ``[B]`` per-sample MSE."""
-        return _per_sample_mean((prediction - target) ** 2)
+        return per_sample_mean((prediction - target) ** 2)
 
 
 def _unit_normalise(features: torch.Tensor, eps: float) -> torch.Tensor:
@@ -254,7 +163,7 @@ class FeatureDistance(RegressionDistance):
         terms = []
         for fp, ft in zip(feats_p, feats_t):
             diff = (_unit_normalise(fp.float(), self.eps) - _unit_normalise(ft.float(), self.eps)) ** 2
-            terms.append(_per_sample_mean(diff.sum(dim=1, keepdim=True)))
+            terms.append(per_sample_mean(diff.sum(dim=1, keepdim=True)))
         return torch.stack(terms, dim=1).mean(dim=1)
 
 
@@ -414,15 +323,10 @@ def build_regression_distance(
 
 __all__ = [
     "REGRESSION_DISTANCES",
-    "DenoisingScoreMatchingLoss",
-    "DistributionMatchingLoss",
     "FeatureDistance",
-    "GANDiscriminatorLoss",
-    "GANGeneratorLoss",
     "LPIPSDistance",
     "MSEDistance",
     "RegressionDistance",
     "build_regression_distance",
     "digits_classifier_activations",
-    "distribution_matching_gradient",
 ]

@@ -1,0 +1,50 @@
+"""Loss callables shared by the trainers, each returning **one value per sample** (``[B]``).
+
+The trainer weights
+and reduces (the NVlabs/edm habit). Losses that noise their inputs own their noise-level draw and take the
+trainer's explicit ``generator``. No Accelerate in here.
+
+* :mod:`.distribution_matching` -- DMD's generator gradient and its stop-gradient surrogate;
+* :mod:`.score_matching` -- denoising score matching (fake-score critics, denoisers);
+* :mod:`.gan` -- non-saturating GAN losses and the diffusion-GAN input noise;
+* :mod:`.regression` -- DMD1's regression distances (MSE, digits features, LPIPS).
+"""
+
+from .distribution_matching import (
+    DistributionMatchingLoss,
+    DistributionMatchingResult,
+    compute_distribution_matching_loss,
+    distribution_matching_gradient,
+    distribution_matching_surrogate,
+)
+from .gan import GANDiscriminatorLoss, GANGeneratorLoss, GANInputNoise
+from .regression import (
+    REGRESSION_DISTANCES,
+    FeatureDistance,
+    LPIPSDistance,
+    MSEDistance,
+    RegressionDistance,
+    build_regression_distance,
+    digits_classifier_activations,
+)
+from .score_matching import DenoisingScoreMatchingLoss, NoisedBatch
+
+__all__ = [
+    "REGRESSION_DISTANCES",
+    "DenoisingScoreMatchingLoss",
+    "DistributionMatchingLoss",
+    "DistributionMatchingResult",
+    "FeatureDistance",
+    "GANDiscriminatorLoss",
+    "GANGeneratorLoss",
+    "GANInputNoise",
+    "LPIPSDistance",
+    "MSEDistance",
+    "NoisedBatch",
+    "RegressionDistance",
+    "build_regression_distance",
+    "compute_distribution_matching_loss",
+    "digits_classifier_activations",
+    "distribution_matching_gradient",
+    "distribution_matching_surrogate",
+]

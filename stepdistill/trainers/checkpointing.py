@@ -1,0 +1,135 @@
+"""Checkpoint files of the trainers: each trainable model written once, as diffusers folders where it can be.
+
+Accelerate's ``save_state`` writes optimizers, LR schedules, EMAs and RNG states; the models themselves go
+through a save / load hook (as diffusers' training examples do) into :func:`save_module_weights`:
+
+* every diffusers ``ModelMixin`` inside a trainable module is written with ``save_pretrained`` into a
+  sub-folder named by its module path (``generator/model/``, ``critic/denoiser/model/``): a diffusers folder
+  that ``from_pretrained`` / ``--init_generator`` can read;
+* every other tensor of the module's ``state_dict`` (a GAN head, LoRA adapter weights of a shared-base
+  role, a custom module) goes into ``extra.safetensors``.
+
+A shared-base LoRA role's ``state_dict`` holds only its adapter weights, so a LoRA checkpoint holds adapters,
+never merged copies of the base network. Loading reads the same files back into the existing module
+(safetensors only; nothing is unpickled and no class named in a file is built).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: Name of the folder prefix of complete checkpoints (``checkpoint-000500``).
+CHECKPOINT_PREFIX = "checkpoint-"
+#: File with a module's tensors that do not belong to a diffusers model inside it.
+EXTRA_WEIGHTS = "extra.safetensors"
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-NNNNNN``) in ``folder``, oldest first."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def diffusers_submodules(module: nn.Module) -> dict[str, nn.Module]:
+    """The outermost diffusers ``ModelMixin`` submodules of ``module`` by module path (``""`` for itself)."""
+    from diffusers import ModelMixin
+
+    found: dict[str, nn.Module] = {}
+    for name, sub in module.named_modules():
+        if not isinstance(sub, ModelMixin):
+            continue
+        if "" in found:  # the module is itself a diffusers model: everything else is inside it
+            break
+        if not any(name.startswith(f"{k}.") for k in found):
+            found[name] = sub
+    return found
+
+
+def save_module_weights(module: nn.Module, folder: str | Path) -> Path:
+    """Write ``module``'s state: diffusers models as ``save_pretrained`` folders, the rest to ``extra.safetensors``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    models = diffusers_submodules(module)
+    covered = set()
+    for path, sub in models.items():
+        sub.save_pretrained(folder / (path.replace(".", "/") or "model"), safe_serialization=True)
+        prefix = f"{path}." if path else ""
+        covered.update(f"{prefix}{k}" for k in sub.state_dict())
+    extra = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if k not in covered}
+    if extra:
+        save_file(extra, str(folder / EXTRA_WEIGHTS))
+    return folder
+
+
+def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / f"{_DIFFUSERS_WEIGHTS}.index.json"
+    if index.is_file():  # sharded save_pretrained
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
+    path = folder / _DIFFUSERS_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint folder {str(folder)!r} has no {_DIFFUSERS_WEIGHTS}: it is incomplete.")
+    return load_file(str(path))
+
+
+@torch.no_grad()
+def load_module_weights(module: nn.Module, folder: str | Path) -> None:
+    """Load what :func:`save_module_weights` wrote into ``module`` (strict: every key, exact shapes)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    state: dict[str, torch.Tensor] = {}
+    for path in diffusers_submodules(module):
+        prefix = f"{path}." if path else ""
+        sub_state = _read_diffusers_weights(folder / (path.replace(".", "/") or "model"))
+        state.update({f"{prefix}{k}": v for k, v in sub_state.items()})
+    if (folder / EXTRA_WEIGHTS).is_file():
+        state.update(load_file(str(folder / EXTRA_WEIGHTS)))
+    module.load_state_dict(state, strict=True)
+
+
+class RNGState:
+    """The trainer's explicit generators, saved per process in checkpoints (``trainer_rng_<rank>.pt``).
+
+    Args:
+        generators: ``name -> torch.Generator``.
+    """
+
+    def __init__(self, **generators: torch.Generator) -> None:
+        self.generators = generators
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Each generator's state (a uint8 tensor)."""
+        return {k: g.get_state() for k, g in self.generators.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore every generator."""
+        for k, g in self.generators.items():
+            g.set_state(state[k])
+
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "EXTRA_WEIGHTS",
+    "RNGState",
+    "diffusers_submodules",
+    "list_checkpoints",
+    "load_module_weights",
+    "save_module_weights",
+]
