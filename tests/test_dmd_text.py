@@ -245,3 +245,41 @@ def test_init_generator_must_match_the_teacher(folders, tmp_path):
                   init_generator=str(folders["sdxl"]))
     with pytest.raises(ValueError, match="architecture"):
         DMDTrainer(cfg)
+
+
+def test_prompt_encoder_gradient_path_and_prompt_subsets(folders):
+    from stepdistill.data import PromptSource
+    from stepdistill.loading import load_denoiser
+
+    encoder = PromptEncoder.from_pretrained(folders["sd15"], load_denoiser(folders["sd15"]).model)
+    (text_encoder,) = encoder.text_encoders
+    table = text_encoder.get_input_embeddings().weight
+    assert not encoder(["a red cube"]).prompt_embeds.requires_grad  # the default path keeps no graph
+    table.requires_grad_(True)  # e.g. a new token's row trains
+    try:
+        cond = encoder.encode(["a red cube"], grad=True)
+        cond.prompt_embeds.sum().backward()
+        assert table.grad is not None and table.grad.abs().sum() > 0
+        torch.testing.assert_close(cond.prompt_embeds.detach(), encoder(["a red cube"]).prompt_embeds)
+    finally:
+        table.requires_grad_(False)
+        table.grad = None
+    source = PromptSource(PROMPTS, encoder)
+    first = encoder([PROMPTS[0]]).prompt_embeds[0]
+    part = source.subset(lambda c: (c.prompt_embeds - first).abs().flatten(1).amax(1) > 0)  # all but the first
+    assert part.prompts == PROMPTS[1:] and len(source) == 3
+
+
+def test_pipeline_folder_naming_foreign_code_is_refused(folders, tmp_path):
+    import json
+    import shutil
+
+    from stepdistill.loading import load_denoiser
+
+    bad = tmp_path / "sd15_bad"
+    shutil.copytree(folders["sd15"], bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index["text_encoder"] = ["this", "s"]  # would print the Zen of Python if imported
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(DataSourceError, match="component 'text_encoder' is this.s"):
+        PromptEncoder.from_pretrained(bad, load_denoiser(folders["sd15"]).model)
