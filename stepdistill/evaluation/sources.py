@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.datasets import is_saved_dataset
 from .features import FeatureExtractor
 from .io import (
     ImageFolder,
@@ -144,12 +145,6 @@ def folder_features(
 # ---------------------------------------------------------------------------------------------------
 # Hugging Face datasets saved with save_to_disk
 # ---------------------------------------------------------------------------------------------------
-def is_saved_dataset(path: str | Path) -> bool:
-    """True when ``path`` is a folder written by ``datasets``' ``save_to_disk``."""
-    p = Path(path)
-    return (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file())
-
-
 def load_saved_dataset(path: str | Path, split: str | None = None, image_column: str | None = None):
     """Open a ``save_to_disk`` dataset and find its image column.
 
@@ -161,15 +156,12 @@ def load_saved_dataset(path: str | Path, split: str | None = None, image_column:
     """
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None:
-            if len(ds) != 1:
-                raise ImageInputError(f"{str(path)!r} has splits {list(ds)}; choose one with --split.")
-            split = next(iter(ds))
-        if split not in ds:
-            raise ImageInputError(f"{str(path)!r} has no split {split!r}; it has {list(ds)}.")
-        ds = ds[split]
+    from ..data.datasets import DataSourceError, open_dataset
+
+    try:
+        ds = open_dataset(path, split, split_flag="--split")
+    except DataSourceError as err:
+        raise ImageInputError(str(err)) from None
     if image_column is None:
         images = [name for name, feat in ds.features.items() if isinstance(feat, datasets.Image)]
         if len(images) != 1:
