@@ -12,7 +12,16 @@ from .denoiser import (
     cfg,
     guided_denoise,
 )
-from .sampling import initial_noise, make_generators, sample_student, sample_teacher
+from .sampling import (
+    PlanSegment,
+    StepPlan,
+    initial_noise,
+    make_generators,
+    rollout,
+    run_step_plan,
+    sample_student,
+    sample_teacher,
+)
 from .schedules import FlowSchedule, NoiseSchedule, VPSchedule, check_prediction_type
 
 __version__ = "0.1.0"
@@ -25,7 +34,9 @@ __all__ = [
     "DiTDenoiser",
     "FlowSchedule",
     "NoiseSchedule",
+    "PlanSegment",
     "SD3TransformerDenoiser",
+    "StepPlan",
     "UNet2DConditionDenoiser",
     "UNet2DDenoiser",
     "VPSchedule",
@@ -34,6 +45,8 @@ __all__ = [
     "guided_denoise",
     "initial_noise",
     "make_generators",
+    "rollout",
+    "run_step_plan",
     "sample_student",
     "sample_teacher",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,18 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torc
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the network computes in (what inputs and conditioning are cast to).
+
+    Under diffusers' layerwise casting (``enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+    compute_dtype=torch.bfloat16)``) the weights are *stored* in float8 and cast up to the compute dtype around each
+    layer; the casting hook records that compute dtype, which is what inputs must be cast to. Otherwise it is the
+    first parameter's dtype (float32 for parameter-free callables).
+    """
+    for module in model.modules():  # the hook sits on each cast layer (diffusers' get_parameter_dtype reads it too)
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        if hook is not None:
+            return hook.compute_dtype
     for p in model.parameters():
         return p.dtype
     return torch.float32
@@ -64,6 +77,9 @@ class Denoiser(nn.Module):
     Args:
         model: The network.
         schedule: Its noise schedule (which also fixes the prediction type).
+        attention_kwargs: Keyword arguments for the network's attention processors, passed on every call as the
+            network names them (``cross_attention_kwargs`` of UNets and DiTs, ``joint_attention_kwargs`` of SD3),
+            e.g. ``{"scale": 0.5}`` for the LoRA scale; diffusers pipelines' ``cross_attention_kwargs``.
 
     Example:
         >>> den = Denoiser.from_model(unet, schedule)
@@ -75,8 +91,12 @@ class Denoiser(nn.Module):
     #: Conditioning fields this kind of network requires / accepts.
     required_fields: tuple[str, ...] = ()
     accepted_fields: tuple[str, ...] = ()
+    #: The network's keyword for attention kwargs (``None``: it takes none).
+    attention_kwargs_argument: str | None = None
 
-    def __init__(self, model: nn.Module, schedule: NoiseSchedule) -> None:
+    def __init__(
+        self, model: nn.Module, schedule: NoiseSchedule, attention_kwargs: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(
@@ -85,6 +105,12 @@ class Denoiser(nn.Module):
             )
         self.model = model
         self.schedule = schedule
+        if attention_kwargs and self.attention_kwargs_argument is None:
+            raise ValueError(
+                f"{type(model).__name__} takes no attention kwargs (got {sorted(attention_kwargs)}); drop "
+                "cross_attention_kwargs for this network."
+            )
+        self.attention_kwargs = dict(attention_kwargs) if attention_kwargs else None
 
     @property
     def prediction_type(self) -> str:
@@ -93,7 +119,7 @@ class Denoiser(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Parameter dtype of the wrapped network."""
+        """The dtype the wrapped network computes in (the compute dtype under diffusers' layerwise casting)."""
         return _model_dtype(self.model)
 
     @property
@@ -135,6 +161,12 @@ class Denoiser(nn.Module):
     def _call_model(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         raise NotImplementedError
 
+    def _attention(self) -> dict[str, Any]:
+        """``{attention_kwargs_argument: attention_kwargs}`` for the network call, or nothing."""
+        if self.attention_kwargs is None:
+            return {}
+        return {self.attention_kwargs_argument: self.attention_kwargs}
+
     def forward(self, x_t: torch.Tensor, t: TimestepLike, cond: Conditioning | None = None) -> DenoiserOutput:
         """Denoise ``x_t`` at timestep(s) ``t``.
 
@@ -165,13 +197,15 @@ class Denoiser(nn.Module):
         model: nn.Module | Callable,
         schedule: NoiseSchedule,
         prediction_type: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> Denoiser:
         """Wrap ``model`` in the right :class:`Denoiser` subclass.
 
         Supported: diffusers ``UNet2DModel``, ``UNet2DConditionModel`` (SD1.5 / 2.1 / SDXL),
         ``SD3Transformer2DModel``, ``Transformer2DModel`` (DiT) and any other module or callable
         ``fn(x_t, timestep, cond) -> Tensor`` (:class:`CallableDenoiser`), whose prediction type is the
-        schedule's unless ``prediction_type`` overrides it.
+        schedule's unless ``prediction_type`` overrides it. ``attention_kwargs`` go to the network's attention
+        processors on every call (networks without such an argument refuse them).
         """
         if prediction_type is not None and prediction_type != schedule.prediction_type:
             check_prediction_type(prediction_type)
@@ -182,8 +216,8 @@ class Denoiser(nn.Module):
         kind = type(model).__name__
         for cls in (UNet2DDenoiser, UNet2DConditionDenoiser, SD3TransformerDenoiser, DiTDenoiser):
             if kind in cls.model_classes:
-                return cls(model, schedule)
-        return CallableDenoiser(model, schedule)
+                return cls(model, schedule, attention_kwargs=attention_kwargs)
+        return CallableDenoiser(model, schedule, attention_kwargs=attention_kwargs)
 
 
 class UNet2DDenoiser(Denoiser):
@@ -210,6 +244,7 @@ class UNet2DConditionDenoiser(Denoiser):
     """diffusers ``UNet2DConditionModel``: SD1.5 / SD2.1 (text) and SDXL (text + pooled + time ids)."""
 
     model_classes = ("UNet2DConditionModel",)
+    attention_kwargs_argument = "cross_attention_kwargs"
 
     def _sdxl(self) -> bool:
         return getattr(self.model.config, "addition_embed_type", None) == "text_time"
@@ -237,6 +272,7 @@ class UNet2DConditionDenoiser(Denoiser):
             encoder_hidden_states=cond.prompt_embeds,
             class_labels=cond.class_labels,
             added_cond_kwargs=added,
+            **self._attention(),
         ).sample
 
 
@@ -246,6 +282,7 @@ class SD3TransformerDenoiser(Denoiser):
     model_classes = ("SD3Transformer2DModel",)
     required_fields = ("prompt_embeds", "pooled_prompt_embeds")
     accepted_fields = required_fields
+    attention_kwargs_argument = "joint_attention_kwargs"
 
     def _call_model(self, x, timestep, cond):
         return self.model(
@@ -253,6 +290,7 @@ class SD3TransformerDenoiser(Denoiser):
             encoder_hidden_states=cond.prompt_embeds,
             pooled_projections=cond.pooled_prompt_embeds,
             timestep=timestep,
+            **self._attention(),
         ).sample
 
 
@@ -262,9 +300,11 @@ class DiTDenoiser(Denoiser):
     model_classes = ("Transformer2DModel", "DiTTransformer2DModel")
     required_fields = ("class_labels",)
     accepted_fields = required_fields
+    attention_kwargs_argument = "cross_attention_kwargs"
 
     def _call_model(self, x, timestep, cond):
-        return self.model(hidden_states=x, timestep=timestep, class_labels=cond.class_labels).sample
+        out = self.model(hidden_states=x, timestep=timestep, class_labels=cond.class_labels, **self._attention())
+        return out.sample
 
 
 class CallableDenoiser(Denoiser):
@@ -277,16 +317,21 @@ class CallableDenoiser(Denoiser):
         model: The module or callable.
         schedule: Its schedule; ``schedule.prediction_type`` declares what ``model`` predicts.
         accepted_fields: Conditioning fields the callable understands (default: any).
+        attention_kwargs: Not supported (the callable's contract has no place for them); must be ``None``.
     """
 
     def __init__(
-        self, model: nn.Module | Callable, schedule: NoiseSchedule, accepted_fields: tuple[str, ...] | None = None
+        self,
+        model: nn.Module | Callable,
+        schedule: NoiseSchedule,
+        accepted_fields: tuple[str, ...] | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"A custom denoiser must be callable, got {type(model).__name__}.")
         if not isinstance(model, nn.Module):
             model = _CallableModule(model)
-        super().__init__(model, schedule)
+        super().__init__(model, schedule, attention_kwargs=attention_kwargs)
         self._accepted = accepted_fields
 
     def accepted(self) -> tuple[str, ...]:

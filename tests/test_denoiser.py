@@ -14,6 +14,7 @@ import pytest
 import tiny_models as tm
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from stepdistill import (
@@ -243,6 +244,53 @@ def test_bf16_teacher(denoisers):
     # the conversion uses the float32 x_t, not its bf16 copy
     x0, _ = hand_x0_eps(den.schedule, out.model_output, x, t)
     torch.testing.assert_close(out.x0, x0.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_layerwise_casting_runs_in_the_compute_dtype(denoisers):
+    """float8 storage, bf16 compute (diffusers' layerwise casting): inputs go in as bf16, never as float8."""
+    schedule = denoisers["sd15"].schedule
+    net = tm.unet2d_condition()
+    net.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    den = Denoiser.from_model(net, schedule)
+    assert den.dtype == torch.bfloat16 and next(net.parameters()).dtype == torch.float8_e4m3fn
+    rounded = tm.unet2d_condition()  # the float32 network with the weights as they are stored
+    with torch.no_grad():
+        for p, q in zip(rounded.parameters(), net.parameters()):
+            p.copy_(q.float())
+    x, t = inputs(KINDS["sd15"])
+    cond = tm.text_cond(B)
+    with torch.no_grad():
+        out, want = den(x, t, cond), Denoiser.from_model(rounded, schedule)(x, t, cond)
+    assert out.model_output.dtype == torch.bfloat16 and torch.isfinite(out.x0).all()
+    torch.testing.assert_close(out.model_output.float(), want.model_output, atol=0.05, rtol=0.05)
+
+
+class TaggedProcessor:
+    """Wraps an attention processor and records the ``tag`` attention kwarg it is called with."""
+
+    def __init__(self, inner, log: list) -> None:
+        self.inner, self.log = inner, log
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, tag=None, **kwargs):
+        self.log.append(tag)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd3", "dit"])
+def test_attention_kwargs_reach_the_attention_processors(name):
+    kind, log = KINDS[name], []
+    net = kind.build()
+    layers = [m for m in net.modules() if isinstance(m, Attention)]
+    for layer in layers:
+        layer.set_processor(TaggedProcessor(layer.processor, log))
+    x, t = inputs(kind)
+    with torch.no_grad():
+        Denoiser.from_model(net, kind.schedule(), attention_kwargs={"tag": 7})(x, t, kind.cond())
+        assert len(log) == len(layers) > 0 and set(log) == {7}
+        Denoiser.from_model(net, kind.schedule())(x, t, kind.cond())
+    assert log.count(None) == len(layers)
+    with pytest.raises(ValueError, match="takes no attention kwargs"):
+        Denoiser.from_model(tm.unet2d(), vp_schedule("epsilon"), attention_kwargs={"scale": 0.5})
 
 
 # --------------------------------------------------------------------------------------------------

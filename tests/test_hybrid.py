@@ -22,7 +22,15 @@ from diffusers import (
 )
 from tiny_models import sd3_transformer, text_cond, unet2d_condition
 
-from stepdistill import Conditioning, guided_denoise, initial_noise, make_generators, sample_student, sample_teacher
+from stepdistill import (
+    Conditioning,
+    guided_denoise,
+    initial_noise,
+    make_generators,
+    run_step_plan,
+    sample_student,
+    sample_teacher,
+)
 from stepdistill.cli_sample import build_parser
 from stepdistill.cli_sample import main as cli_main
 from stepdistill.pipelines import HybridDiversityPipeline, StepDistillPipeline, lcm_scheduler_for_student
@@ -372,3 +380,37 @@ def test_cli_hybrid_and_dt_end_to_end(pipe, tmp_path, capsys):
     assert err.value.code == 1 and "zero steps" in capsys.readouterr().err
     commands = build_parser()._subparsers._group_actions[0].choices
     assert {"hybrid", "dt"} <= set(commands)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers conventions
+def test_callback_edits_take_effect_across_the_handover(pipe):
+    """Zeroed latents after the last base step are what the student gets; after the last step, the output."""
+    zero_at = lambda step: lambda p, i, t, kw: {"latents": torch.zeros_like(kw["latents"])} if i == step else {}  # noqa: E731
+    seen = []
+    record = lambda p, i, t, kw: seen.append((p.num_timesteps, p.guidance_scale, p.do_classifier_free_guidance))  # noqa: E731
+    rec = Recorder(pipe.unet)
+    try:
+        pipe(class_labels=[1, 7], generator=make_generators([3, 4]), callback_on_step_end=zero_at(0))
+        pipe(class_labels=[1, 7], generator=make_generators([3, 4]), callback_on_step_end=record)
+    finally:
+        rec.close()
+    assert torch.equal(rec.inputs[0], torch.zeros(2, *SHAPE)) and not torch.equal(rec.inputs[3], rec.inputs[0])
+    assert seen == [(4, 1.0, True)] * 4  # student guidance off, base guidance 2 on
+    out = pipe(class_labels=[1, 7], generator=make_generators([3, 4]), output_type="latent",
+               callback_on_step_end=zero_at(3)).images  # fmt: skip
+    assert torch.equal(out, torch.zeros(2, *SHAPE))
+
+
+def test_hybrid_plan_is_a_step_plan(pipe):
+    plan = pipe.plan(base_steps=2, handover="transport")
+    steps = plan.step_plan(base_guidance_scale=2.0, student_renoise=True)
+    assert steps.networks == ["base_unet"] * 2 + ["unet"] * 2 and steps.timesteps == plan.timesteps
+    assert steps.describe() == "base_unet ode [999, 749] w=2 -> transport to 499 -> unet renoise [499, 249]"
+    labels, seeds = [2, 5], [8, 9]
+    gens = make_generators(seeds)
+    x0 = run_step_plan(steps, {"base_unet": pipe.base_denoiser, "unet": pipe.denoiser},
+                       initial_noise((2, *SHAPE), gens), _labels_cond(labels), generator=gens)  # fmt: skip
+    got = pipe(class_labels=labels, base_steps=2, handover="transport", generator=make_generators(seeds),
+               output_type="latent").images  # fmt: skip
+    assert torch.equal(got, x0)

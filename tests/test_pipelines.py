@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, UNet2DModel
+from tiny_models import clip_text_encoder, clip_tokenizer, unet2d_condition, write_clip_tokenizer
 
 from stepdistill import Conditioning, initial_noise, make_generators, sample_student, sample_teacher
 from stepdistill.data.digits_models import teacher_scheduler, teacher_unet
@@ -218,3 +220,109 @@ def test_custom_network_needs_latents():
     assert images.shape == (2, 1, 4, 4)
     with pytest.raises(ValueError, match="pass latents="):
         pipe(class_labels=[1, 2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers conventions: callback edits, call-state properties, encode_prompt, layerwise casting, attention kwargs
+def test_callback_edits_the_latents(student):
+    seeds, labels = [0, 1], [3, 7]
+
+    def zero_at(step):
+        return lambda pipe, i, t, kw: {"latents": torch.zeros_like(kw["latents"])} if i == step else None
+
+    last = student(class_labels=labels, generator=make_generators(seeds), output_type="latent",
+                   callback_on_step_end=zero_at(len(TIMESTEPS) - 1)).images  # fmt: skip
+    assert torch.equal(last, torch.zeros(2, 1, 8, 8))  # after the last step the latents are the final x0
+    mid = student(class_labels=labels, generator=make_generators(seeds), output_type="latent",
+                  callback_on_step_end=zero_at(1)).images  # fmt: skip
+    gens = make_generators(seeds)
+    cond = Conditioning(class_labels=torch.tensor(labels), null_class_label=NULL)
+    want = sample_student(student.denoiser, initial_noise((2, 1, 8, 8), gens), cond, TIMESTEPS, generator=gens,
+                          callback=lambda i, t, out, x: torch.zeros_like(x) if i == 1 else None)  # fmt: skip
+    plain = student(class_labels=labels, generator=make_generators(seeds), output_type="latent").images
+    assert torch.equal(mid, want) and (mid - plain).abs().max() > 1e-3
+
+
+def test_num_timesteps_and_guidance_scale_properties(unet, student):
+    teacher = StepDistillPipeline(unet=unet, scheduler=teacher_scheduler(), null_class_label=NULL)
+    teacher.set_progress_bar_config(disable=True)
+    seen = []
+
+    def record(pipe, i, t, callback_kwargs):
+        seen.append((pipe.num_timesteps, pipe.guidance_scale, pipe.do_classifier_free_guidance))
+    teacher(class_labels=[1], num_inference_steps=3, guidance_scale=2.5, callback_on_step_end=record)
+    assert seen == [(3, 2.5, True)] * 3
+    student(class_labels=[1], callback_on_step_end=record)
+    assert seen[-1] == (4, 1.0, False) and student.num_timesteps == 4 and not student.do_classifier_free_guidance
+
+
+@pytest.fixture(scope="module")
+def text_pipe(tmp_path_factory) -> StepDistillPipeline:
+    """A pixel-space SD1.5-like student with its own CLIP text encoder and tokenizer."""
+    tokenizer = clip_tokenizer(write_clip_tokenizer(tmp_path_factory.mktemp("tokenizer")))
+    scheduler, encoder = lcm_scheduler_for_student(teacher_scheduler(), [999, 499]), clip_text_encoder(0, hidden=12)
+    pipe = StepDistillPipeline(unet=unet2d_condition(), scheduler=scheduler, text_encoder=encoder, tokenizer=tokenizer,
+                               default_timesteps=[999, 499])  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PROMPTS = ["a red cube", "two cats"]
+
+
+def test_encode_prompt_round_trip(text_pipe):
+    run = lambda **kw: text_pipe(guidance_scale=3.0, generator=make_generators([0, 1, 2, 3]), output_type="pt",  # noqa: E731
+                                 **kw).images  # fmt: skip
+    embeds, negative = text_pipe.encode_prompt(PROMPTS, "cpu", 2, True)
+    assert embeds.shape == negative.shape == (4, 16, 12)
+    empty, _ = text_pipe.encode_prompt([""], "cpu")
+    assert torch.equal(negative, empty.expand(4, -1, -1))  # the empty prompt, as Stable Diffusion does
+    want = run(prompt=PROMPTS, num_images_per_prompt=2)
+    assert torch.equal(run(prompt_embeds=embeds, negative_prompt_embeds=negative), want)
+    # prompt_embeds alone: the unconditional branch is the empty prompt's embedding too (not zeros)
+    assert torch.equal(run(prompt_embeds=embeds), want)
+    zeros = run(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
+    assert (zeros - want).abs().max() > 1e-3
+    assert torch.equal(text_pipe.encode_prompt(None, "cpu", 2, prompt_embeds=embeds[::2])[0], embeds)
+
+
+def test_prompt_embeds_without_text_encoder_guide_with_zeros(text_pipe):
+    pipe = StepDistillPipeline(unet=text_pipe.unet, scheduler=text_pipe.scheduler, default_timesteps=[999, 499])
+    pipe.set_progress_bar_config(disable=True)
+    embeds, _ = text_pipe.encode_prompt(PROMPTS, "cpu")
+    got, want = (pipe(prompt_embeds=embeds, guidance_scale=3.0, generator=make_generators([0, 1]), output_type="pt",
+                      **kw).images for kw in ({}, {"negative_prompt_embeds": torch.zeros_like(embeds)}))  # fmt: skip
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="need a text_encoder"):
+        pipe(prompt_embeds=embeds, negative_prompt="blurry", guidance_scale=3.0)
+
+
+def test_layerwise_casting_unet_runs(text_pipe):
+    """float8 storage / bf16 compute: inputs must go in as bf16 (the compute dtype), not float8."""
+    net = copy.deepcopy(text_pipe.unet)
+    net.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    pipe = StepDistillPipeline(unet=net, scheduler=text_pipe.scheduler, default_timesteps=[999, 499])
+    pipe.set_progress_bar_config(disable=True)
+    embeds, _ = text_pipe.encode_prompt(PROMPTS, "cpu")
+    got = pipe(prompt_embeds=embeds, generator=make_generators([0, 1]), output_type="latent").images
+    want = text_pipe(prompt_embeds=embeds, generator=make_generators([0, 1]), output_type="latent").images
+    assert pipe.denoiser.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert 0 < (got - want).abs().max() < 0.1 * want.abs().max()  # float8 weights: close to float32, not equal
+
+
+def test_cross_attention_kwargs_reach_attention(text_pipe, student):
+    """The LoRA scale 0 (``cross_attention_kwargs={"scale": 0.0}``) gives back the network without LoRA."""
+    from peft import LoraConfig
+
+    net = copy.deepcopy(text_pipe.unet)
+    net.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+    pipe = StepDistillPipeline(**{**text_pipe.components, "unet": net}, default_timesteps=[999, 499])
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda p, **kw: p(prompt=PROMPTS, generator=make_generators([0, 1]), output_type="pt", **kw).images  # noqa: E731
+    plain, lora = run(text_pipe), run(pipe)
+    assert (lora - plain).abs().max() > 1e-3
+    torch.testing.assert_close(run(pipe, cross_attention_kwargs={"scale": 0.0}), plain, rtol=0, atol=1e-6)
+    assert pipe.cross_attention_kwargs == {"scale": 0.0}
+    with pytest.raises(ValueError, match="UNet2DModel takes no attention kwargs"):
+        student(class_labels=[1], cross_attention_kwargs={"scale": 0.5})

@@ -13,8 +13,12 @@ from stepdistill import (
     Conditioning,
     Denoiser,
     NoiseSchedule,
+    PlanSegment,
+    StepPlan,
     initial_noise,
     make_generators,
+    rollout,
+    run_step_plan,
     sample_student,
     sample_teacher,
 )
@@ -218,3 +222,120 @@ def test_student_bad_input(student):
     with pytest.raises(ValueError, match="does not take conditioning"):
         den = Denoiser.from_model(tm.unet2d(), student.schedule)
         sample_student(den, latents, labels(), [999])
+
+
+# --------------------------------------------------------------------------------------------------
+# rollout, step plans, callbacks that edit the state
+
+
+def _by_hand(den, latents, cond, timesteps, generator, steps):
+    """The first ``steps`` student steps written out: denoise, then re-noise x0 with a fresh draw."""
+    x = latents
+    for i in range(steps):
+        with torch.no_grad():
+            x0 = den(x, timesteps[i], cond).x0
+        noise = initial_noise(x0.shape, generator, dtype=x0.dtype)
+        x = den.schedule.add_noise(x0, noise, timesteps[i + 1]).to(latents.dtype)
+    return x
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_rollout_stops_at_the_noised_state(student, k):
+    cond, gens = labels(), make_generators([3, 4])
+    latents = initial_noise(SHAPE, gens)
+    got = rollout(student, latents, cond, TIMESTEPS, generator=gens, stop=TIMESTEPS[k])
+    replay = make_generators([3, 4])
+    want = _by_hand(student, initial_noise(SHAPE, replay), cond, TIMESTEPS, replay, k)
+    assert torch.equal(got, want)
+
+
+def test_rollout_to_the_end_is_sample_student(student):
+    cond = labels()
+    runs = []
+    for fn in (rollout, sample_student):
+        gens = make_generators([7, 8])
+        runs.append(fn(student, initial_noise(SHAPE, gens), cond, TIMESTEPS, generator=gens))
+    assert torch.equal(runs[0], runs[1])
+    latents = initial_noise(SHAPE, make_generators([7, 8]))
+    assert rollout(student, latents, cond, TIMESTEPS, generator=make_generators([7, 8]), stop=999) is latents
+    with pytest.raises(ValueError, match="stop=500 is not one of the timesteps"):
+        rollout(student, latents, cond, TIMESTEPS, stop=500)
+
+
+class Counted:
+    """A custom network calling ``unet`` and recording the timesteps it was called at."""
+
+    def __init__(self, unet):
+        self.unet, self.timesteps = unet, []
+
+    def __call__(self, x, timestep, cond):
+        self.timesteps.append(int(timestep[0]))
+        return self.unet(x, timestep, class_labels=cond.class_labels).sample
+
+
+def test_step_plans_of_one_and_two_segments(class_unet, student):
+    cond = labels()
+    latents = initial_noise(SHAPE, make_generators([0, 1]))
+    teacher = sample_teacher(student, latents, cond, timesteps=TIMESTEPS, guidance_scale=2.0)
+    one = StepPlan.single("unet", TIMESTEPS, guidance_scale=2.0)
+    assert one.num_steps == 4 and one.networks == ["unet"] * 4
+    assert torch.equal(run_step_plan(one, {"unet": student}, latents, cond), teacher)
+    # an ODE segment handed over by "transport" continues the same ODE
+    base, rest = Counted(class_unet), Counted(class_unet)
+    dens = {n: Denoiser.from_model(c, student.schedule) for n, c in (("base_unet", base), ("unet", rest))}
+    two = StepPlan([PlanSegment("base_unet", TIMESTEPS[:2], guidance_scale=2.0),
+                    PlanSegment("unet", TIMESTEPS[2:], guidance_scale=2.0, handover="transport")])  # fmt: skip
+    assert torch.equal(run_step_plan(two, dens, latents, cond), teacher)
+    assert base.timesteps == [999, 749] and rest.timesteps == [499, 249]  # one (batched CFG) call per step
+    assert two.describe() == "base_unet ode [999, 749] w=2 -> transport to 499 -> unet ode [499, 249] w=2"
+    assert two.to_dict()["segments"][1]["handover"] == "transport"
+
+
+def test_three_expert_plan_counts_each_network(class_unet, student):
+    """Phased experts: one segment per expert, re-noised hand-overs, each expert runs its phase's steps."""
+    phases = [[999, 874], [749, 624], [499, 249]]
+    experts = [Counted(class_unet) for _ in phases]
+    dens = {f"expert_{k}": Denoiser.from_model(e, student.schedule) for k, e in enumerate(experts)}
+    plan = StepPlan([PlanSegment(f"expert_{k}", ts, sampler="renoise", handover="noise" if k == 0 else "renoise")
+                     for k, ts in enumerate(phases)])  # fmt: skip
+    assert plan.networks == ["expert_0"] * 2 + ["expert_1"] * 2 + ["expert_2"] * 2
+    cond, gens = labels(), make_generators([5, 6])
+    got = run_step_plan(plan, dens, initial_noise(SHAPE, gens), cond, generator=gens)
+    assert [e.timesteps for e in experts] == phases
+    # the experts share weights here, so the plan is the student loop over all six timesteps, draw for draw
+    gens = make_generators([5, 6])
+    want = sample_student(student, initial_noise(SHAPE, gens), cond, sum(phases, []), generator=gens)
+    assert torch.equal(got, want)
+
+
+def test_step_plan_errors(student):
+    latents, seg = torch.randn(SHAPE), PlanSegment("unet", [999, 499])
+    with pytest.raises(ValueError, match="first segment starts from the latents"):
+        StepPlan([PlanSegment("unet", [999], handover="renoise")])
+    with pytest.raises(ValueError, match="every later one"):
+        StepPlan([seg, PlanSegment("unet", [249])])
+    with pytest.raises(ValueError, match="sampler="):
+        PlanSegment("unet", [999], sampler="ddpm")
+    with pytest.raises(ValueError, match="resume_timestep"):
+        PlanSegment("unet", [999], resume_timestep=500)
+    with pytest.raises(ValueError, match="network 'base_unet'"):
+        run_step_plan(StepPlan.single("base_unet", [999]), {"unet": student}, latents, labels())
+    with pytest.raises(ValueError, match="not below the previous"):
+        run_step_plan(StepPlan([seg, PlanSegment("unet", [249], handover="renoise", resume_timestep=600)]),
+                      {"unet": student}, latents, labels())  # fmt: skip
+
+
+def test_callback_can_replace_the_state(class_unet, student):
+    rec = Counted(class_unet)
+    den = Denoiser.from_model(rec, student.schedule)
+    cond, latents = labels(), initial_noise(SHAPE, make_generators([0, 1]))
+    inputs = []
+    den.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    zeros = torch.zeros(SHAPE)
+    edit = lambda i, t, out, x: zeros if i in (1, 3) else None  # noqa: E731
+    out = sample_student(den, latents, cond, TIMESTEPS, generator=make_generators([0, 1]), callback=edit)
+    assert torch.equal(inputs[2], zeros) and not torch.equal(inputs[1], zeros)  # step 1's edit is step 2's input
+    assert torch.equal(out, zeros)  # after the last step the state is the final x0
+    teacher = sample_teacher(den, latents, cond, timesteps=TIMESTEPS, callback=lambda i, t, o, x: x + 1)
+    plain = sample_teacher(den, latents, cond, timesteps=TIMESTEPS)
+    assert not torch.allclose(teacher, plain + 1)  # every edit propagated through the ODE

@@ -1,5 +1,8 @@
 """Inference artifacts, diffusers-style: :class:`StepDistillPipeline` and the export to stock diffusers pipelines.
 
+Every pipeline here is a ``DiffusionPipeline`` with :class:`StepDistillPipelineMixin` (checks, conditioning, latents,
+decoding) whose ``__call__`` runs a :class:`~stepdistill.StepPlan`.
+
 Importing this package also makes ``diffusers.DiffusionPipeline.from_pretrained(folder)`` able to load
 folders saved by :class:`StepDistillPipeline` (see :func:`register_with_diffusers`).
 """
@@ -17,6 +20,7 @@ from .export import (
     teacher_kind,
     write_model_card,
 )
+from .mixin import StepDistillPipelineMixin
 from .pipeline_hybrid import HybridDiversityPipeline, HybridDiversityPipelineOutput, HybridPlan, sample_hybrid
 from .pipeline_stepdistill import (
     StepDistillPipeline,
@@ -49,6 +53,7 @@ __all__ = [
     "HybridDiversityPipelineOutput",
     "HybridPlan",
     "StepDistillPipeline",
+    "StepDistillPipelineMixin",
     "StepDistillPipelineOutput",
     "export_stable_diffusion",
     "export_stable_diffusion_3",

@@ -44,7 +44,8 @@ from torch import nn
 
 from ..denoiser import Denoiser
 from ..schedules import FlowSchedule, NoiseSchedule, VPSchedule
-from .pipeline_stepdistill import StepDistillPipeline, _plain_number
+from .mixin import _plain_number
+from .pipeline_stepdistill import StepDistillPipeline
 
 #: ``LCMScheduler.timestep_scaling`` of exported students: turns LCM's consistency boundary condition into
 #: the identity (``denoised == x0``), so its step is exactly "x0, then fresh re-noising".

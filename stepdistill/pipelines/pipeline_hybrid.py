@@ -42,7 +42,7 @@ independent of the batch size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -55,16 +55,12 @@ from diffusers.utils import BaseOutput, logging
 from torch import nn
 
 from ..conditioning import Conditioning
-from ..denoiser import Denoiser, DenoiserOutput
+from ..denoiser import Denoiser
 from ..loading import teacher_guidance_scale
-from ..sampling import Generator, ddim_step, initial_noise, sample_student, sample_teacher
+from ..sampling import Generator, PlanSegment, StepCallback, StepPlan, run_step_plan
 from ..schedules import NoiseSchedule
-from .pipeline_stepdistill import (
-    DEFAULT_TEACHER_STEPS,
-    StepDistillPipeline,
-    _plain_number,
-    is_student_scheduler,
-)
+from .mixin import StepDistillPipelineMixin, StepEndCallback, _check_count, _plain_number
+from .pipeline_stepdistill import DEFAULT_TEACHER_STEPS
 
 logger = logging.get_logger(__name__)
 
@@ -74,12 +70,13 @@ MODES = ("hybrid", "base", "student")
 #: Student steps when the student has neither trained ``default_timesteps`` nor an explicit step count.
 DEFAULT_STUDENT_STEPS = 4
 
-StepCallback = Callable[[int, float, DenoiserOutput, torch.Tensor], None]
-
 
 @dataclass(frozen=True)
 class HybridPlan:
     """Which steps a hybrid call runs: the base's timesteps, the hand-over, the student's timesteps.
+
+    :meth:`step_plan` turns it into the :class:`~stepdistill.StepPlan` that runs (segments ``"base_unet"`` and
+    ``"unet"``, the pipeline's component names).
 
     Args:
         mode: ``"hybrid"``, ``"base"`` (the base alone, its whole schedule) or ``"student"`` (the student alone).
@@ -126,6 +123,29 @@ class HybridPlan:
             f"-> student {fmt(self.student_timesteps)}{label}"
         )
 
+    def step_plan(
+        self,
+        base_guidance_scale: float | None = None,
+        student_guidance_scale: float | None = None,
+        student_renoise: bool = True,
+    ) -> StepPlan:
+        """The :class:`~stepdistill.StepPlan` of this mapping, on the networks ``"base_unet"`` and ``"unet"``.
+
+        Args:
+            base_guidance_scale: CFG weight of the base steps (``None``: off).
+            student_guidance_scale: CFG weight of the student steps (``None``: off).
+            student_renoise: Student sampler: fresh re-noising between steps (DMD2 / LCM) or the deterministic ODE.
+        """
+        sampler = "renoise" if student_renoise else "ode"
+        base = PlanSegment("base_unet", self.base_timesteps, "ode", base_guidance_scale)
+        if self.mode == "base":
+            return StepPlan([base])
+        if self.mode == "student":
+            return StepPlan.single("unet", self.student_timesteps, sampler, student_guidance_scale)
+        student = PlanSegment("unet", self.student_timesteps, sampler, student_guidance_scale,
+                              handover=self.handover, resume_timestep=self.resume_timestep)  # fmt: skip
+        return StepPlan([base, student])
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description."""
         return {
@@ -170,6 +190,8 @@ def sample_hybrid(
 ) -> torch.Tensor:
     """Run a :class:`HybridPlan`: base steps from pure noise, the hand-over, then the student; returns x0.
 
+    A thin wrapper of :func:`~stepdistill.run_step_plan` on :meth:`HybridPlan.step_plan`.
+
     Args:
         base: The base (teacher) denoiser (unused in ``"student"`` mode).
         student: The student denoiser (unused in ``"base"`` mode).
@@ -180,48 +202,20 @@ def sample_hybrid(
         base_guidance_scale: CFG weight of the base steps (``None``/1: off).
         student_guidance_scale: CFG weight of the student steps (``None``/1: off).
         student_renoise: Student sampler: fresh re-noising between steps (DMD2 / LCM) or the deterministic ODE.
-        callback: ``callback(i, t, out, x)`` after every step, ``i`` counting base and student steps together.
+        callback: ``callback(i, t, out, x)`` after every step, ``i`` counting base and student steps together; a
+            returned tensor replaces the state ``x`` (after the last base step: the state handed to the student).
 
     Returns:
         The final x0 estimate (float32, or float64 for float64 inputs).
     """
-    k = len(plan.base_timesteps)
-
-    def relay(offset: int, capture: dict | None = None) -> StepCallback:
-        def on_step(i: int, t: float, out: DenoiserOutput, x: torch.Tensor) -> None:
-            if capture is not None:
-                capture["out"] = out
-            if callback is not None:
-                callback(offset + i, t, out, x)
-
-        return on_step
-
-    def run_student(x: torch.Tensor) -> torch.Tensor:
-        if student_renoise:
-            return sample_student(student, x, cond, timesteps=plan.student_timesteps, generator=generator,
-                                  guidance_scale=student_guidance_scale, callback=relay(k))  # fmt: skip
-        return sample_teacher(student, x, cond, timesteps=plan.student_timesteps,
-                              guidance_scale=student_guidance_scale, callback=relay(k))  # fmt: skip
-
-    if plan.mode == "student":
-        return run_student(latents)
-    last: dict = {}
-    x0 = sample_teacher(base, latents, cond, timesteps=plan.base_timesteps, guidance_scale=base_guidance_scale,
-                        callback=relay(0, last))  # fmt: skip
-    if plan.mode == "base":
-        return x0
-    out: DenoiserOutput = last["out"]
-    if plan.handover == "renoise":
-        noise = initial_noise(out.x0.shape, generator, device=out.x0.device, dtype=out.x0.dtype)
-        x = student.schedule.add_noise(out.x0, noise, plan.resume_timestep)
-    else:
-        x = ddim_step(student.schedule, out, plan.resume_timestep)
-    return run_student(x.to(latents.dtype))
+    steps = plan.step_plan(base_guidance_scale, student_guidance_scale, student_renoise)
+    denoisers = {name: d for name, d in (("base_unet", base), ("unet", student)) if d is not None}
+    return run_step_plan(steps, denoisers, latents, cond, generator, callback)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the pipeline
-class HybridDiversityPipeline(DiffusionPipeline):
+class HybridDiversityPipeline(DiffusionPipeline, StepDistillPipelineMixin):
     r"""Hybrid sampling: a base (teacher) model runs the first step(s), a distilled student finishes.
 
     ``unet`` / ``scheduler`` are the **student**'s (the names of stock pipelines and of
@@ -263,19 +257,6 @@ class HybridDiversityPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->base_unet->unet->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
-    _callback_tensor_inputs = ["latents", "denoised"]
-
-    # The student-side helpers are StepDistillPipeline's own (same component names: unet, scheduler, vae,
-    # text_encoder, tokenizer; same config key null_class_label).
-    vae_scale_factor = StepDistillPipeline.vae_scale_factor
-    num_class_labels = StepDistillPipeline.num_class_labels
-    _latent_shape = StepDistillPipeline._latent_shape
-    encode_prompt = StepDistillPipeline.encode_prompt
-    prepare_latents = StepDistillPipeline.prepare_latents
-    decode_latents = StepDistillPipeline.decode_latents
-    postprocess = StepDistillPipeline.postprocess
-    check_inputs = StepDistillPipeline.check_inputs
-    _conditioning = StepDistillPipeline._conditioning
 
     def __init__(
         self,
@@ -389,30 +370,16 @@ class HybridDiversityPipeline(DiffusionPipeline):
         )
 
     # ------------------------------------------------------------------------------------------------
-    @property
-    def schedule(self) -> NoiseSchedule:
-        """The student's noise schedule (from ``scheduler.config``)."""
-        return NoiseSchedule.from_scheduler_config(dict(self.scheduler.config))
-
+    # the student side is the mixin's `schedule` / `denoiser` / `is_student` (unet + scheduler); the base's:
     @property
     def base_schedule(self) -> NoiseSchedule:
         """The base's noise schedule (from ``base_scheduler.config``)."""
         return NoiseSchedule.from_scheduler_config(dict(self.base_scheduler.config))
 
     @property
-    def denoiser(self) -> Denoiser:
-        """The student wrapped as a :class:`~stepdistill.Denoiser`."""
-        return Denoiser.from_model(self.unet, self.schedule)
-
-    @property
     def base_denoiser(self) -> Denoiser:
         """The base wrapped as a :class:`~stepdistill.Denoiser`."""
         return Denoiser.from_model(self.base_unet, self.base_schedule)
-
-    @property
-    def is_student(self) -> bool:
-        """Whether the student's scheduler re-noises with fresh noise between steps (LCM-like)."""
-        return is_student_scheduler(self.scheduler)
 
     # ------------------------------------------------------------------------------------------------
     def student_timesteps(
@@ -424,20 +391,7 @@ class HybridDiversityPipeline(DiffusionPipeline):
         equal to their count); else its scheduler's spacing for ``num_inference_steps`` (default
         :data:`DEFAULT_STUDENT_STEPS`).
         """
-        schedule = self.schedule
-        if timesteps is not None:
-            if num_inference_steps is not None and num_inference_steps != len(timesteps):
-                raise ValueError(
-                    f"num_inference_steps={num_inference_steps} disagrees with the {len(timesteps)} student timesteps "
-                    "given; pass only timesteps."
-                )
-            return schedule.validate_timesteps(timesteps)
-        default = self.config.default_timesteps
-        if default is not None and num_inference_steps in (None, len(default)):
-            return schedule.validate_timesteps(default)
-        _check_count("num_inference_steps", num_inference_steps)
-        self.scheduler.set_timesteps(num_inference_steps or DEFAULT_STUDENT_STEPS)
-        return schedule.validate_timesteps(self.scheduler.timesteps.tolist())
+        return self._resolve_timesteps(num_inference_steps, timesteps, DEFAULT_STUDENT_STEPS)
 
     def plan(
         self,
@@ -590,8 +544,9 @@ class HybridDiversityPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, float, dict], Any] | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> HybridDiversityPipelineOutput | tuple:
         r"""Generate images: base step(s), hand-over, student steps (or one side alone with ``mode``).
 
@@ -601,7 +556,8 @@ class HybridDiversityPipeline(DiffusionPipeline):
             prompt_embeds: Precomputed text embeddings ``[N, L, D]`` instead of ``prompt``.
             pooled_prompt_embeds: ``[N, D]`` pooled embeddings (SDXL / SD3-style networks).
             negative_prompt: Unconditional prompt for guidance (default ``""``).
-            negative_prompt_embeds: Precomputed unconditional embeddings (default: zeros).
+            negative_prompt_embeds: Precomputed unconditional embeddings (default: the embedding of
+                ``negative_prompt``, the empty prompt by default; zeros without a text encoder).
             negative_pooled_prompt_embeds: Precomputed unconditional pooled embeddings (default: zeros).
             num_images_per_prompt: Images per label / prompt (adjacent in the output).
             batch_size: Number of images of an unconditional model.
@@ -624,52 +580,30 @@ class HybridDiversityPipeline(DiffusionPipeline):
             latents: Starting noise instead of drawing it.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: Return a :class:`HybridDiversityPipelineOutput` instead of a tuple.
-            callback_on_step_end: ``callback_on_step_end(pipe, i, t, tensors)`` after every base and student step
-                (``i`` counts both; ``"latents"``: the state after the step, ``"denoised"``: the x0 estimate).
+            callback_on_step_end: ``callback_on_step_end(pipe, i, t, callback_kwargs)`` after every base and student
+                step (``i`` counts both; ``"latents"``: the state after the step -- the next step's input, after the
+                last base step the state handed to the student, after the last step the final x0; ``"denoised"``:
+                the x0 estimate). A ``"latents"`` entry of the dict it returns replaces the state, as in diffusers.
             callback_on_step_end_tensor_inputs: Which tensors the callback receives.
+            cross_attention_kwargs: Passed to both networks' attention processors (e.g. ``{"scale": 0.5}``).
 
         Returns:
             :class:`HybridDiversityPipelineOutput` (``images``, ``plan``), or ``(images,)``.
         """
-        # 0. Defaults
+        # 0. Defaults and the plan
         plan = self.plan(mode, num_inference_steps, timesteps, base_steps, handover_timestep,
                          base_num_inference_steps, base_timesteps, handover, resume_timestep)  # fmt: skip
-        student = self.denoiser
-        base = self.base_denoiser
-        lead = base if mode == "base" else student
-        device = self._execution_device if isinstance(lead.model, ModelMixin) else lead.device
+        student = Denoiser.from_model(self.unet, self.schedule, attention_kwargs=cross_attention_kwargs)
+        base = Denoiser.from_model(self.base_unet, self.base_schedule, attention_kwargs=cross_attention_kwargs)
         if guidance_scale is None:
             guidance_scale = self.config.default_guidance_scale
         if base_guidance_scale is None:
             base_guidance_scale = self.config.base_guidance_scale
         w_student = guidance_scale if guidance_scale > 1.0 and mode != "base" else None
         w_base = base_guidance_scale if base_guidance_scale > 1.0 and mode != "student" else None
-        do_cfg = w_student is not None or w_base is not None
-        if isinstance(class_labels, int):
-            class_labels = [class_labels]
-        if isinstance(class_labels, (str, list)) and any(isinstance(c, str) for c in np.ravel(class_labels)):
-            raise ValueError("class_labels got text: pass prompts as prompt=... (class_labels is the first argument).")
-        if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels, dtype=torch.long)
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if class_labels is not None and class_labels.ndim == 1:
-            num_conditions = class_labels.shape[0]
-        elif prompt is not None:
-            num_conditions = len(prompt)
-        elif prompt_embeds is not None:
-            num_conditions = prompt_embeds.shape[0]
-        else:
-            num_conditions = batch_size or 1
-        total = num_conditions * num_images_per_prompt
-        latent_shape, height, width = self._latent_shape(total, height, width, latents)
-
-        # 1. Check inputs (the student's checks; the base must take the same conditioning)
-        self.check_inputs(
-            student, class_labels, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
-            batch_size, num_images_per_prompt, None, None, max(guidance_scale, base_guidance_scale), generator,
-            latents, latent_shape, output_type, callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
+        self._guidance_scale = guidance_scale
+        self._do_classifier_free_guidance = w_student is not None or w_base is not None
+        self._cross_attention_kwargs = cross_attention_kwargs
         if mode != "student" and tuple(base.required()) != tuple(student.required()):
             raise ValueError(
                 f"The base {type(self.base_unet).__name__} needs conditioning {list(base.required())} but the "
@@ -677,38 +611,21 @@ class HybridDiversityPipeline(DiffusionPipeline):
                 "conditioning (and share the latent space)."
             )
 
-        # 2. Conditioning, shared by both networks
-        cond = self._conditioning(
-            lead, class_labels, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt,
-            negative_prompt_embeds, negative_pooled_prompt_embeds, num_images_per_prompt, height, width,
-            do_cfg, device,
+        # 1-3. Check inputs, encode the conditioning (shared by both networks), starting latents (seen by the
+        # plan's first network: the base, or the student in mode="student")
+        cond, x_T = self._prepare_call(
+            base if mode == "base" else student, class_labels, prompt, prompt_embeds, pooled_prompt_embeds,
+            negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds, num_images_per_prompt,
+            batch_size, height, width, generator, latents, output_type, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        dtype = cond.prompt_embeds.dtype if cond.prompt_embeds is not None else lead.dtype
 
-        # 3. Starting noise (seen by the base, or by the student in mode="student")
-        x_T = self.prepare_latents(latent_shape, dtype, device, generator, latents)
+        # 4. Sample: base steps, hand-over, student steps
+        steps = plan.step_plan(w_base, w_student, student_renoise=self.is_student)
+        x0 = self._sample(steps, {"base_unet": base, "unet": student}, x_T, cond, generator, callback_on_step_end,
+                          callback_on_step_end_tensor_inputs)  # fmt: skip
 
-        # 4. Sample
-        with self.progress_bar(total=plan.num_steps) as progress_bar:
-
-            def on_step(i: int, t: float, out: DenoiserOutput, x: torch.Tensor) -> None:
-                if callback_on_step_end is not None:
-                    available = {"latents": x, "denoised": out.x0}
-                    tensors = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_on_step_end(self, i, t, tensors)
-                progress_bar.update()
-
-            x0 = sample_hybrid(
-                base, student, x_T, plan, cond, generator=generator, base_guidance_scale=w_base,
-                student_guidance_scale=w_student, student_renoise=self.is_student, callback=on_step,
-            )  # fmt: skip
-
-        # 5. Decode and post-process
-        if output_type == "latent":
-            images = x0
-        else:
-            images = self.postprocess(self.decode_latents(x0), output_type=output_type)
-        self.maybe_free_model_hooks()
+        # 5. Decode, post-process, offload
+        images = self._finish(x0, output_type)
         if not return_dict:
             return (images,)
         return HybridDiversityPipelineOutput(images=images, plan=plan)
@@ -726,11 +643,6 @@ def _check_handover(handover: str) -> None:
             f"handover={handover!r} is not supported; use 'renoise' (re-noise the base's x0 with fresh noise, the "
             "paper's setting) or 'transport' (deterministic DDIM / Euler move with the base's noise estimate)."
         )
-
-
-def _check_count(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
 def _check_latent_spaces(base: nn.Module, student: nn.Module) -> None:
