@@ -41,6 +41,7 @@ from ..losses import (
     build_regression_distance,
 )
 from ..networks import FakeScore, build_gan_head
+from ..sampling import rollout
 from .base import DistillationTrainer, TrainerConfig
 
 
@@ -276,11 +277,7 @@ class DMDTrainer(DistillationTrainer):
         x = torch.randn(batch, *self.sample_shape, generator=self.rng).to(device)
         k = int(torch.randint(0, len(ts), (1,), generator=self.shared_rng)) if len(ts) > 1 else 0
         if k > 0 and self.config.uses_backward_simulation:
-            with torch.no_grad():
-                for i in range(k):
-                    x0 = self.generator(x, ts[i], cond).x0
-                    eps = torch.randn(x0.shape, generator=self.rng).to(device)
-                    x = self.schedule.add_noise(x0, eps, ts[i + 1])
+            x = rollout(self.generator, x, cond, ts, generator=self.rng, stop=ts[k])
         elif k > 0:
             _, real = self.data.sample(batch, self.rng)
             x = self.schedule.add_noise(real.to(device), x, ts[k])
