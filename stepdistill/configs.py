@@ -228,7 +228,7 @@ class ConfigParser(HfArgumentParser):
         self._added = 0  # classes whose fields are added so far
         kwargs.setdefault("usage", "%(prog)s [-h] [--config RECIPE.yaml] [--FIELD VALUE ...]")
         kwargs.setdefault("allow_abbrev", False)  # a misspelt flag must not silently match a longer one
-        if "description" not in kwargs and classes:
+        if "description" not in kwargs and len(classes) == 1:  # (several: each group shows its class's summary)
             kwargs["description"] = (classes[0].__doc__ or "").strip().split("\n")[0]
         super().__init__(classes, **kwargs)  # HfArgumentParser adds every field via _add_dataclass_arguments
         self.add_argument("--config", default=None, metavar="RECIPE.yaml",

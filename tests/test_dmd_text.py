@@ -28,7 +28,7 @@ from tiny_models import (
 )
 
 from stepdistill import Denoiser, VPSchedule
-from stepdistill.trainers.base import parse_config
+from stepdistill.configs import parse_config
 from stepdistill.trainers.data import DataSourceError, PromptEncoder, load_prompts, open_dataset
 from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
 

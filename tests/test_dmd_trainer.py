@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from stepdistill import Conditioning, VPSchedule
+from stepdistill.configs import parse_config
 from stepdistill.denoiser import CallableDenoiser
 from stepdistill.loading import ModelFolderError, load_denoiser
-from stepdistill.trainers.base import NonFiniteLossError, list_checkpoints, parse_config
+from stepdistill.trainers.base import NonFiniteLossError, list_checkpoints
 from stepdistill.trainers.dmd import DMDConfig, DMDTrainer, compute_distribution_matching_loss
 from stepdistill.trainers.losses import distribution_matching_gradient
 

@@ -23,8 +23,8 @@ from diffusers import (
 from tiny_models import sd3_transformer, text_cond, unet2d_condition
 
 from stepdistill import Conditioning, guided_denoise, initial_noise, make_generators, sample_student, sample_teacher
-from stepdistill.cli_sample import build_parser
-from stepdistill.cli_sample import main as cli_main
+from stepdistill.commands.sample import build_parser
+from stepdistill.commands.sample import main as cli_main
 from stepdistill.pipelines import HybridDiversityPipeline, StepDistillPipeline, lcm_scheduler_for_student
 from stepdistill.visualization import diffusion_targets, dt_grid
 
