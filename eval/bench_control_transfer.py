@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.cli_control import comparison_grid, grid_rows, markdown_table, parse_float_list, transfer
+from stepdistill.commands.common import float_list
 from stepdistill.data.digits import load_digits_split
 from stepdistill.data.digits_models import DigitsClassifier, classifier_path, teacher_path
 from stepdistill.evaluation.stroke import stroke_statistics
+from stepdistill.evaluation.transfer import comparison_grid, grid_rows, markdown_table, transfer
 from stepdistill.trainers.style_lora import StyleLoraConfig, thicken_strokes, train_style_lora
 
 DEFAULT_STUDENTS = ("dmd2-1step=runs/digits_dmd2_1step_bench/student", "dmd2-4step=runs/digits_dmd2_4step/student")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default=str(teacher_path()), help="Teacher pipeline folder.")
     parser.add_argument("--student", type=_named, action="append", default=None, metavar="NAME=FOLDER",
                         help=f"Student pipeline folder(s) (default: {', '.join(DEFAULT_STUDENTS)}).")
-    parser.add_argument("--scales", type=parse_float_list, default=[0.5, 1.0], help="LoRA scales (default 0.5,1).")
+    parser.add_argument("--scales", type=float_list, default=[0.5, 1.0], help="LoRA scales (default 0.5,1).")
     parser.add_argument("--per_class", type=int, default=50, help="Samples per class (N = 10 x this).")
     parser.add_argument("--seed", type=int, default=0, help="First per-image seed.")
     parser.add_argument("--teacher_steps", type=int, default=50, help="Teacher ODE steps.")

@@ -35,9 +35,9 @@ from stepdistill.conditioning import Conditioning
 from stepdistill.data.digits import NULL_CLASS, class_labels_like_reference, load_digits_split
 from stepdistill.data.digits_models import classifier_path, teacher_path
 from stepdistill.evaluation import DigitsClassifierFeatures, ReferenceStats, compute_metrics, digits_features
-from stepdistill.evaluation.cli import write_json
 from stepdistill.evaluation.metrics import feature_statistics, frechet_distance
 from stepdistill.evaluation.sources import load_pipeline, sample_pipeline
+from stepdistill.evaluation.stats import write_json
 from stepdistill.loading import load_denoiser
 from stepdistill.sampling import initial_noise, make_generators, sample_teacher
 

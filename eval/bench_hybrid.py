@@ -37,7 +37,7 @@ from bench_digits import SEED_STRIDE, CallCounter, reproduce_command, summarize,
 from stepdistill.data.digits import class_labels_like_reference
 from stepdistill.data.digits_models import classifier_path, teacher_path
 from stepdistill.evaluation import DigitsClassifierFeatures, ReferenceStats, compute_metrics, digits_features
-from stepdistill.evaluation.cli import write_json
+from stepdistill.evaluation.stats import write_json
 from stepdistill.pipelines import HybridDiversityPipeline
 from stepdistill.sampling import make_generators
 

@@ -260,7 +260,7 @@ class LoraWeights:
         if not path.exists():
             raise LoraFolderError(
                 f"LoRA path {str(path)!r} does not exist; pass a folder written by save_lora / "
-                "`python -m stepdistill.cli_control train-style-lora` (it holds pytorch_lora_weights.safetensors)."
+                "`stepdistill sample train-style-lora` (it holds pytorch_lora_weights.safetensors)."
             )
         folder, weight_name = (path.parent, path.name) if path.is_file() else (path, LORA_WEIGHT_NAME)
         if not (folder / weight_name).is_file():
@@ -334,7 +334,7 @@ def _fix_hint(lora: LoraWeights, model: nn.Module) -> str:
     return (
         f"This LoRA was trained on {trained}; apply it to a network with the same architecture (that model or a "
         f"full fine-tune of it, e.g. its DMD2 / LCM / Turbo student) or retrain it on this {type(model).__name__} "
-        "(python -m stepdistill.cli_control train-style-lora --teacher <this model folder>)."
+        "(stepdistill sample train-style-lora --teacher <this model folder>)."
     )
 
 

@@ -22,8 +22,29 @@ _MODEL_CLASSES = {
 }
 
 
+#: Names that stand for a shipped model folder wherever a teacher or pipeline folder is expected, so that a
+#: pip-installed package can be used without knowing its site-packages path (``--teacher digits``).
+MODEL_ALIASES = {"digits": "the digits teacher shipped in the package (stepdistill/assets/digits/teacher)"}
+
+
 class ModelFolderError(ValueError):
     """A path that should hold a diffusers model or pipeline does not."""
+
+
+def model_folder(path: str | Path) -> Path:
+    """The folder that ``path`` names: a :data:`MODEL_ALIASES` name is its shipped folder, anything else the path.
+
+    The alias wins over a local folder of the same name; write ``./digits`` for that one.
+
+    Example:
+        >>> model_folder("digits") == teacher_path()
+        True
+    """
+    if str(path) == "digits":
+        from .data.digits_models import teacher_path
+
+        return teacher_path()
+    return Path(path).expanduser()
 
 
 def _read_json(path: Path) -> dict:
@@ -37,12 +58,12 @@ def resolve_model_folder(path: str | Path) -> tuple[Path, Path | None]:
     """Find ``(network folder, scheduler folder or None)`` inside a pipeline or model folder.
 
     Accepts a pipeline folder (``model_index.json`` with ``unet/`` or ``transformer/``), or a model
-    folder (``config.json``) optionally next to a ``scheduler/`` folder.
+    folder (``config.json``) optionally next to a ``scheduler/`` folder, or a :data:`MODEL_ALIASES` name.
 
     Raises:
         ModelFolderError: when the path is missing or holds no diffusers model.
     """
-    root = Path(path).expanduser()
+    root = model_folder(path)
     if not root.exists():
         raise ModelFolderError(
             f"Model folder {str(root)!r} does not exist. stepdistill loads models from local folders only "
@@ -137,7 +158,7 @@ def teacher_guidance_scale(folder: str | Path | None) -> float | None:
     """
     if folder is None or not str(folder):
         return None
-    meta = Path(folder) / "stepdistill_teacher.json"
+    meta = model_folder(folder) / "stepdistill_teacher.json"
     if not meta.is_file():
         return None
     value = _read_json(meta).get("guidance_scale")

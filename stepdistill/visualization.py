@@ -12,7 +12,7 @@ while base models spread structural decisions over many steps. Here:
   timestep), :func:`diffusion_target_grid` stacks several modes;
 * :func:`diversity_grid` compares base / student / hybrid samples with the same seeds and labels.
 
-The command is ``stepdistill-sample dt`` / ``stepdistill-sample hybrid`` (:mod:`stepdistill.cli_sample`).
+The command is ``stepdistill sample dt`` / ``stepdistill sample hybrid`` (:mod:`stepdistill.commands.sample`).
 """
 
 from __future__ import annotations

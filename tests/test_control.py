@@ -1,4 +1,4 @@
-"""Control transfer: LoRAs moved between networks of one architecture (stepdistill.control, cli_control)."""
+"""Control transfer: LoRAs moved between networks of one architecture (stepdistill.control, `stepdistill sample`)."""
 
 from __future__ import annotations
 
@@ -276,7 +276,7 @@ def _student_folder(teacher: Path, out: Path) -> Path:
 def test_cli_train_and_transfer_end_to_end(tiny_teacher, tmp_path, capsys):
     from PIL import Image
 
-    from stepdistill.cli_sample import main  # the stepdistill-sample console script
+    from stepdistill.commands.sample import main  # the stepdistill-sample console script
 
     lora_dir = tmp_path / "style"
     assert main(["train-style-lora", "--teacher", str(tiny_teacher), "--output_dir", str(lora_dir),
@@ -297,7 +297,7 @@ def test_cli_train_and_transfer_end_to_end(tiny_teacher, tmp_path, capsys):
 
 
 def test_cli_reports_incompatible_lora(tmp_path, capsys):
-    from stepdistill.cli_sample import main
+    from stepdistill.commands.sample import main
 
     a = _build("unet2d_condition")
     _trained_lora(a)

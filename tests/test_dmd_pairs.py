@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stepdistill import Conditioning, VPSchedule, initial_noise, sample_teacher
+from stepdistill.commands.pairs import generate_pairs_main
 from stepdistill.data import DigitsSource
 from stepdistill.denoiser import CallableDenoiser
 from stepdistill.loading import load_denoiser
@@ -18,7 +19,6 @@ from stepdistill.trainers.pairs import (
     PairsFileError,
     check_pairs_match_teacher,
     default_pairs_seed,
-    generate_pairs_main,
     generate_regression_pairs,
     load_regression_pairs,
     merge_regression_pairs,

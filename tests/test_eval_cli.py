@@ -22,10 +22,10 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, LCMScheduler, UNet2DModel
 from PIL import Image
 
+from stepdistill.commands.eval import main
 from stepdistill.data.digits import load_digits_split, to_uint8
 from stepdistill.data.digits_models import DigitsClassifier, teacher_scheduler, teacher_unet
 from stepdistill.evaluation import ReferenceStats, load_pipeline, sample_pipeline
-from stepdistill.evaluation.cli import main
 from stepdistill.pipelines import StepDistillPipeline
 
 REPO = Path(__file__).resolve().parents[1]

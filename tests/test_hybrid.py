@@ -31,8 +31,8 @@ from stepdistill import (
     sample_student,
     sample_teacher,
 )
-from stepdistill.cli_sample import build_parser
-from stepdistill.cli_sample import main as cli_main
+from stepdistill.commands.sample import build_parser
+from stepdistill.commands.sample import main as cli_main
 from stepdistill.pipelines import HybridDiversityPipeline, StepDistillPipeline, lcm_scheduler_for_student
 from stepdistill.visualization import diffusion_targets, dt_grid
 

@@ -18,7 +18,13 @@ from stepdistill import (
     UNet2DDenoiser,
     VPSchedule,
 )
-from stepdistill.loading import ModelFolderError, load_denoiser, resolve_model_folder
+from stepdistill.loading import (
+    ModelFolderError,
+    load_denoiser,
+    model_folder,
+    resolve_model_folder,
+    teacher_guidance_scale,
+)
 
 
 def save_pipeline(root: Path, network, scheduler, subfolder: str = "unet") -> Path:
@@ -140,3 +146,19 @@ def test_scheduler_with_unknown_prediction_type(tmp_path, unet_pipeline):
     root, _ = unet_pipeline
     with pytest.raises(ValueError, match="Unknown prediction type 'x0'"):
         load_denoiser(root, prediction_type="x0")
+
+
+def test_digits_alias_names_the_shipped_teacher(tmp_path, monkeypatch):
+    """``--teacher digits`` works for a pip-installed package: the alias is resolved in loading.model_folder."""
+    from stepdistill.data.digits_models import teacher_path
+    from stepdistill.evaluation.sources import load_pipeline
+
+    assert model_folder("digits") == teacher_path()
+    assert resolve_model_folder("digits") == (teacher_path() / "unet", teacher_path() / "scheduler")
+    assert teacher_guidance_scale("digits") == teacher_guidance_scale(teacher_path()) is not None
+    assert load_denoiser("digits").schedule.prediction_type == "v_prediction"
+    assert type(load_pipeline("digits")).__name__ == "StepDistillPipeline"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # the alias wins; a local folder of that name is ./digits
+    assert model_folder("digits") == teacher_path() and model_folder("./digits") == Path("digits")
+    assert model_folder("~/x") == Path.home() / "x"

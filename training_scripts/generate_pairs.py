@@ -6,17 +6,17 @@
     python training_scripts/generate_pairs.py --teacher stepdistill/assets/digits/teacher --data uniform_labels \
         --num_regression_pairs 4096 --regression_teacher_steps 50 --output pairs.safetensors
 
-Reads the DMD recipe fields that decide the pairs (teacher, data options, real_guidance_scale,
-num_regression_pairs, regression_teacher_steps, seed, mixed_precision), so training with
-``--regression_pairs <file>`` uses exactly the pairs the trainer would otherwise generate at start.
-The logic lives in :mod:`stepdistill.trainers.pairs`.
+The same as ``stepdistill pairs ...`` (:mod:`stepdistill.commands.pairs`): reads the DMD recipe fields that decide
+the pairs (teacher, data options, real_guidance_scale, num_regression_pairs, regression_teacher_steps, seed,
+mixed_precision), so training with ``--regression_pairs <file>`` uses exactly the pairs the trainer would
+otherwise generate at start.
 """
 
 from __future__ import annotations
 
 import sys
 
-from stepdistill.trainers.pairs import generate_pairs_main
+from stepdistill.commands.pairs import main
 
 if __name__ == "__main__":
-    generate_pairs_main(sys.argv[1:])
+    raise SystemExit(main(sys.argv[1:]))

@@ -247,12 +247,16 @@ def load_pipeline(
 ) -> DiffusionPipeline:
     """Load a local diffusers pipeline folder (stock diffusers or stepdistill's own pipeline classes).
 
+    ``path`` may also be a :data:`~stepdistill.loading.MODEL_ALIASES` name (``digits``: the shipped teacher).
+
     Raises:
         PipelineCallError: when the folder is not a pipeline folder.
     """
     import diffusers
 
-    root = Path(path).expanduser()
+    from ..loading import model_folder
+
+    root = model_folder(path)
     index = root / "model_index.json"
     if not index.is_file():
         raise PipelineCallError(

@@ -58,6 +58,15 @@ def write_atomic(path: str | Path, write) -> Path:
     return path
 
 
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` as indented JSON, atomically (see :func:`write_atomic`)."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+    return write_atomic(path, write)
+
+
 @dataclass
 class ReferenceStats:
     """Statistics of a reference image set under one feature extractor.
@@ -198,4 +207,4 @@ class ReferenceStats:
         return stats
 
 
-__all__ = ["FORMAT", "ReferenceStats", "StatsFileError", "StatsMismatchError", "write_atomic"]
+__all__ = ["FORMAT", "ReferenceStats", "StatsFileError", "StatsMismatchError", "write_atomic", "write_json"]

@@ -41,7 +41,6 @@ from torch import nn
 from ..conditioning import Conditioning
 from ..data.sources import ConditionSource
 from ..denoiser import Denoiser
-from ..loading import teacher_guidance_scale
 from ..sampling import initial_noise, make_generators, sample_teacher
 from ..schedules import NoiseSchedule, VPSchedule
 from ..utils import atomic_write_file
@@ -471,130 +470,6 @@ def regression_pairs_for_training(
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# the command
-def _teacher_root(teacher: str) -> Path:
-    """The pipeline folder of ``teacher`` (a model folder's parent when that holds ``model_index.json``)."""
-    from ..loading import resolve_model_folder
-
-    folder, _ = resolve_model_folder(teacher)
-    return folder.parent if (folder.parent / "model_index.json").is_file() else Path(teacher)
-
-
-def _teacher_guidance(teacher: str, override: float | None) -> float:
-    """The real-score CFG the trainer uses: the override, else the teacher json's ``guidance_scale``, else 1."""
-    if override is not None:
-        return float(override)
-    value = teacher_guidance_scale(teacher)
-    return 1.0 if value is None else value
-
-
-def _shard_path(output: Path, rank: int, world: int) -> Path:
-    return output.with_name(f".{output.name}.shard-{rank:03d}-of-{world:03d}")
-
-
-_USAGE = """usage: generate_pairs.py [--config RECIPE.yaml] [--<DMDConfig field> VALUE ...] [--output PATH]
-                         [--batch_size N]
-
-Make a DMD1 regression-pairs file (teacher ODE samples on fixed noise and data-source conditions).
-The recipe fields that decide the pairs: teacher, data (+ prompts / dataset / num_classes / null_class_label ...),
-real_guidance_scale, num_regression_pairs, regression_teacher_steps, seed (pair seed = seed + 4242),
-mixed_precision, num_threads, cpu.
-
-  --output PATH   pairs file to write (default: the recipe's regression_pairs)
-  --batch_size N  pairs per teacher call (default 256)
-
-Multi-process: accelerate launch --num_processes K training_scripts/generate_pairs.py ... (each process makes a
-contiguous shard next to the output; rank 0 merges them; the processes must share that folder)."""
-
-
-def generate_pairs_main(argv: Sequence[str] | None = None) -> Path:
-    """``training_scripts/generate_pairs.py``: make a pairs file from a DMD recipe and/or flags.
-
-    Reads the :class:`~stepdistill.trainers.dmd.DMDConfig` fields that decide the pairs -- ``teacher``,
-    ``data`` and its options, ``real_guidance_scale``, ``num_regression_pairs``,
-    ``regression_teacher_steps``, ``seed``, ``mixed_precision``, ``num_threads``, ``cpu`` -- so the same
-    recipe gives the same pairs a trainer would make in memory. Extra flags: ``--output`` (default: the
-    recipe's ``regression_pairs``) and ``--batch_size``. Under ``accelerate launch`` every process makes a
-    contiguous shard, writes it next to the output, and rank 0 merges them (the processes must share the
-    output folder).
-
-    Returns:
-        The written file.
-    """
-    import argparse
-    import os
-    import sys
-
-    from accelerate import PartialState
-
-    from ..configs import parse_config
-    from ..data.sources import make_data_source
-    from ..loading import load_denoiser
-    from .dmd import DMDConfig
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--output", default=None)
-    parser.add_argument("--batch_size", type=int, default=256)
-    ours, rest = parser.parse_known_args(argv)
-    if any(a in ("-h", "--help") for a in rest):
-        print(_USAGE)
-        raise SystemExit(0)
-    cfg = parse_config(DMDConfig, rest)
-    output = ours.output or cfg.regression_pairs
-    if not output:
-        raise SystemExit("generate_pairs: give --output PATH (or set regression_pairs in the recipe).")
-    if not cfg.teacher:
-        raise SystemExit("generate_pairs: give --teacher <pipeline folder> (or a recipe that sets it).")
-    output = Path(output)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    cpu = cfg.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    state = PartialState(cpu=cpu)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    teacher = load_denoiser(cfg.teacher)
-    teacher.model.requires_grad_(False).eval().to(state.device)
-    if dtype != torch.float32:
-        teacher.model.to(dtype=dtype)
-    source = make_data_source(cfg, _teacher_root(cfg.teacher), teacher.model, state.device, dtype)
-    sample_shape = cfg.sample_shape
-    if sample_shape is None:
-        size = teacher.model.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        sample_shape = [int(teacher.model.config.in_channels), int(h), int(w)]
-    count = cfg.num_regression_pairs
-    world, rank = state.num_processes, state.process_index
-    if count < world:
-        raise ValueError(f"num_regression_pairs={count} is smaller than the {world} processes: ask for at least "
-                         f"{world} pairs or launch fewer processes.")
-    indices = list(range(rank * count // world, (rank + 1) * count // world))  # balanced, never empty
-    pairs = generate_regression_pairs(
-        teacher, source, count, sample_shape, cfg.regression_teacher_steps, _teacher_guidance(cfg.teacher,
-                                                                                              cfg.real_guidance_scale),
-        default_pairs_seed(cfg.seed), indices=indices, batch_size=ours.batch_size, device=state.device,
-        metadata={"teacher": str(Path(cfg.teacher).resolve()), "data": cfg.data, "num_processes": world},
-        progress=state.is_main_process,
-    )
-    if world == 1:
-        save_regression_pairs(pairs, output)
-    else:
-        save_regression_pairs(pairs, _shard_path(output, rank, world), shard=True)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            shards = [load_regression_pairs(_shard_path(output, r, world)) for r in range(world)]
-            save_regression_pairs(merge_regression_pairs(shards), output)
-            for r in range(world):
-                _shard_path(output, r, world).unlink(missing_ok=True)
-        state.wait_for_everyone()
-    if state.is_main_process:
-        meta = read_pairs_metadata(output)
-        print(json.dumps({"output": str(output), **{k: meta[k] for k in ("count", "num_inference_steps",
-                                                                        "guidance_scale", "seed", "sample_shape",
-                                                                        "conditioning", "teacher")}}, indent=2))
-    return output
-
-
 __all__ = [
     "COND_CHUNK",
     "PAIRS_FORMAT",
@@ -602,7 +477,6 @@ __all__ = [
     "RegressionPairs",
     "check_pairs_match_teacher",
     "default_pairs_seed",
-    "generate_pairs_main",
     "generate_regression_pairs",
     "load_regression_pairs",
     "merge_regression_pairs",

@@ -1,19 +1,19 @@
-"""``stepdistill-eval`` (also ``python eval/fid.py``): reference statistics and metrics, from the shell.
+"""``stepdistill eval`` (also ``stepdistill-eval``, ``python eval/fid.py``): reference statistics and metrics.
 
 Examples::
 
     # reference statistics (.npz with the extractor's identity inside)
-    stepdistill-eval ref --data digits:heldout --features digits --out refs/digits_heldout.npz
-    stepdistill-eval ref --data /data/ffhq_val --inception_weights /models/inception-2015-12-05.pt --out refs/ffhq.npz
-    stepdistill-eval ref --data /data/hf_dataset --split validation --label_column label --out refs/val.npz
+    stepdistill eval ref --data digits:heldout --features digits --out refs/digits_heldout.npz
+    stepdistill eval ref --data /data/ffhq_val --inception_weights /models/inception-2015-12-05.pt --out refs/ffhq.npz
+    stepdistill eval ref --data /data/hf_dataset --split validation --label_column label --out refs/val.npz
 
     # metrics of a folder, or of a pipeline sampled here with per-image seeds
-    stepdistill-eval calc --ref refs/digits_heldout.npz --images samples/ --out metrics.json
-    stepdistill-eval calc --ref refs/digits_heldout.npz --pipeline runs/dmd2/pipeline \
+    stepdistill eval calc --ref refs/digits_heldout.npz --images samples/ --out metrics.json
+    stepdistill eval calc --ref refs/digits_heldout.npz --pipeline runs/dmd2/pipeline \
         --class_labels reference --timesteps 999 --seeds 0-399 --out metrics.json
 
     # several processes / GPUs: sampling and feature extraction are split and gathered
-    accelerate launch -m stepdistill.evaluation.cli calc --ref ... --pipeline ...
+    accelerate launch -m stepdistill eval calc --ref ... --pipeline ...
 
 The extractor defaults to the one recorded in the reference statistics; comparing with statistics of
 another extractor is an error. Outputs are written only when everything succeeded.
@@ -22,20 +22,23 @@ another extractor is an error. Outputs are written only when everything succeede
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..evaluation.evaluate import MATCH_REFERENCE, evaluate_folder, evaluate_pipeline, make_reference
+from ..evaluation.features import FeatureExtractorError, build_feature_extractor
+from ..evaluation.io import ImageInputError
+from ..evaluation.metrics import MetricsResult, MetricUndefinedError
+from ..evaluation.sources import PipelineCallError, is_main_process, load_pipeline
+from ..evaluation.stats import ReferenceStats, StatsFileError, StatsMismatchError, write_json
 from ..loading import ModelFolderError
-from .evaluate import MATCH_REFERENCE, evaluate_folder, evaluate_pipeline, make_reference, parse_int_list
-from .features import FeatureExtractorError, build_feature_extractor
-from .io import ImageInputError
-from .metrics import MetricsResult, MetricUndefinedError
-from .sources import PipelineCallError, is_main_process, load_pipeline
-from .stats import ReferenceStats, StatsFileError, StatsMismatchError, write_atomic
+from .common import int_list, number_list, user_errors
+
+#: Command name in usage and error lines (the back-compatible console script; ``stepdistill eval`` passes its own).
+PROG = "stepdistill-eval"
 
 #: Errors reported as one clear line (exit status 1) instead of a traceback.
 USER_ERRORS = (
@@ -53,24 +56,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PIPELINE_ONLY = ("seeds", "num_samples", "prompts", "steps", "timesteps", "guidance_scale", "save_images")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return parse_int_list(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _timesteps(text: str) -> list[float]:
-    try:
-        return [float(t) if "." in t else int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated timesteps like 999,499, got {text!r}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``stepdistill-eval`` (subcommands ``ref`` and ``calc``)."""
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The argument parser of ``stepdistill eval`` (subcommands ``ref`` and ``calc``)."""
     parser = argparse.ArgumentParser(
-        prog="stepdistill-eval",
+        prog=prog,
         description="FID / KID / precision-recall / diversity for stepdistill students, teachers and image folders.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     calc.add_argument("--num_samples", type=int, default=None, help="Images to sample (default: see --seeds).")
     calc.add_argument(
         "--seeds",
-        type=_int_list,
+        type=int_list,
         default=None,
         help="Seed of each image, e.g. 0-399 (default: 0..N-1 with N = --num_samples, else the number of "
         "labels / prompts, else the reference size).",
@@ -128,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     calc.add_argument("--prompts", default=None, help="File with one prompt per line (cycled over the images).")
     calc.add_argument("--steps", type=int, default=None, help="num_inference_steps passed to the pipeline.")
     calc.add_argument(
-        "--timesteps", type=_timesteps, default=None, help="Explicit timesteps passed to the pipeline, e.g. 999,499."
+        "--timesteps", type=number_list, default=None, help="Explicit timesteps passed to the pipeline, e.g. 999,499."
     )
     calc.add_argument("--guidance_scale", type=float, default=None, help="Guidance scale passed to the pipeline.")
     calc.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="Pipeline weights dtype.")
@@ -176,15 +165,6 @@ def format_table(rows: Sequence[tuple[str, object]]) -> str:
     lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {k:<{width}} | {fmt(v)} |" for k, v in rows]
     return "\n".join(lines)
-
-
-def write_json(path: str | Path, payload: dict) -> Path:
-    """Write JSON atomically."""
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-    return write_atomic(path, write)
 
 
 def _state(args: argparse.Namespace):
@@ -329,15 +309,12 @@ def _report(result: MetricsResult, ref: ReferenceStats, what: dict, args: argpar
         print(f"wrote {args.out}", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``stepdistill-eval``; user errors print one line and exit with status 1."""
-    args = build_parser().parse_args(argv)
-    try:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Entry point of ``stepdistill eval``; user errors print one line and exit with status 1."""
+    args = build_parser(prog).parse_args(argv)
+    with user_errors(f"{prog} {args.command}", USER_ERRORS):
         return run_ref(args) if args.command == "ref" else run_calc(args)
-    except USER_ERRORS as err:
-        print(f"stepdistill-eval {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

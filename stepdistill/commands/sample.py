@@ -1,17 +1,32 @@
-"""``stepdistill-sample``: sampling commands built on the pipelines (hybrid diversity sampling, DT grids).
+r"""``stepdistill sample`` (also ``stepdistill-sample``): sampling commands built on the pipelines.
 
-Examples::
+Hybrid diversity sampling, diffusion-target grids, and LoRA control transfer between base and distilled models
+(with a digits style LoRA to try it on). Examples::
 
     # hybrid samples of the digits teacher + 4-step DMD2 student, and a teacher / student / hybrid grid
-    stepdistill-sample hybrid --base stepdistill/assets/digits/teacher --student runs/digits_dmd2_4step/student \
+    stepdistill sample hybrid --base digits --student runs/digits_dmd2_4step/student \
         --class_labels 0-9 --seeds 0-19 --base_steps 1 --out_dir outputs/hybrid
 
     # the x0 estimate after every step (diffusion targets), rows = seeds, for base / student / hybrid
-    stepdistill-sample dt --base stepdistill/assets/digits/teacher --student runs/digits_dmd2_4step/student \
+    stepdistill sample dt --base digits --student runs/digits_dmd2_4step/student \
         --class_labels 3 --seeds 0-3 --out docs/dt_grid.png
 
     # a saved HybridDiversityPipeline folder instead of --base / --student
-    stepdistill-sample hybrid --pipeline outputs/hybrid_pipeline --class_labels 7 --seeds 0-7 --out_dir outputs/h
+    stepdistill sample hybrid --pipeline outputs/hybrid_pipeline --class_labels 7 --seeds 0-7 --out_dir outputs/h
+
+    # a "bold" (thicker stroke) style LoRA on the shipped digits teacher, ~1-2 min on one CPU thread
+    stepdistill sample train-style-lora --output_dir runs/digits_style_lora
+
+    # apply it to the teacher and a DMD2 student at scales 0.5 and 1; grid rows: model x (no LoRA, scales)
+    stepdistill sample transfer --lora runs/digits_style_lora \
+        --model teacher=digits --model dmd2-4step=runs/digits_dmd2_4step/student \
+        --scales 0.5,1 --output lora_grid.png --json lora_transfer.json
+
+``transfer`` samples every model with the same per-image seeds without the LoRA, with it at each scale, and
+again after removing it (the last must equal the first bitwise), and prints ink-mass / ink-fraction shifts and
+-- for 8x8 digits models -- the digits classifier's accuracy and margin (:mod:`stepdistill.evaluation.transfer`).
+``train-style-lora`` takes every :class:`~stepdistill.trainers.style_lora.StyleLoraConfig` field as a flag (and
+``--config recipe.yaml``).
 
 Adding a subcommand: write ``add_<name>_command(subparsers)`` (which calls ``subparsers.add_parser(...)``, adds
 its arguments -- :func:`add_model_arguments` and friends are shared -- and ``set_defaults(func=run_<name>)``) and
@@ -24,53 +39,39 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import cli_control
-from .evaluation.evaluate import parse_int_list
-from .loading import ModelFolderError
+from ..configs import parse_configs
+from ..control import LoraCompatibilityError, LoraFolderError
+from ..evaluation.sources import PipelineCallError
+from ..loading import ModelFolderError, model_folder
+from .common import float_list, int_list, number, number_list, user_errors
 
 if TYPE_CHECKING:
-    from .pipelines import HybridDiversityPipeline
+    from ..pipelines import HybridDiversityPipeline
 
+#: Command name in usage and error lines (the back-compatible console script; ``stepdistill sample`` passes its own).
+PROG = "stepdistill-sample"
 #: Errors reported as one line (exit status 1) instead of a traceback: the pipelines' errors name the fix.
-USER_ERRORS = (ValueError, FileNotFoundError, ModelFolderError)
+USER_ERRORS = (ValueError, FileNotFoundError, ModelFolderError, LoraCompatibilityError, LoraFolderError,
+               PipelineCallError)
 
 
 # ----------------------------------------------------------------------------------------------------
-# argument types and shared argument groups
-def _int_list(text: str) -> list[int]:
-    try:
-        return parse_int_list(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _number_list(text: str) -> list[float]:
-    try:
-        return [float(t) if "." in t else int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 999,499, got {text!r}") from None
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
+# shared argument groups
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--pipeline`` or ``--base`` + ``--student`` (local folders), ``--device``, ``--threads``."""
     g = p.add_argument_group("models")
     g.add_argument("--pipeline", default=None, help="A saved HybridDiversityPipeline folder.")
-    g.add_argument("--base", default=None, help="Base (teacher) pipeline folder (StepDistillPipeline or stock).")
+    g.add_argument("--base", default=None,
+                   help="Base (teacher) pipeline folder (StepDistillPipeline or stock; 'digits': the shipped teacher).")
     g.add_argument("--student", default=None, help="Student pipeline folder (StepDistillPipeline or stock).")
     g.add_argument(
-        "--student_timesteps", type=_number_list, default=None,
+        "--student_timesteps", type=number_list, default=None,
         help="The student's trained timesteps, e.g. 999,749,499,249 (default: from the student folder).",
     )  # fmt: skip
     g.add_argument("--device", default="cpu", help="Device (default cpu).")
@@ -80,9 +81,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_condition_arguments(p: argparse.ArgumentParser) -> None:
     """``--seeds``, ``--class_labels``, ``--prompt`` (labels / prompts are cycled over the seeds)."""
     g = p.add_argument_group("what to sample")
-    g.add_argument("--seeds", type=_int_list, default=[0, 1, 2, 3], help="One image per seed, e.g. 0-7 (default 0-3).")
+    g.add_argument("--seeds", type=int_list, default=[0, 1, 2, 3], help="One image per seed, e.g. 0-7 (default 0-3).")
     g.add_argument(
-        "--class_labels", type=_int_list, default=None,
+        "--class_labels", type=int_list, default=None,
         help="Class labels, cycled over the seeds, e.g. 3 or 0-9 (class-conditional models).",
     )  # fmt: skip
     g.add_argument("--prompt", action="append", default=None, help="A prompt (repeatable; cycled over the seeds).")
@@ -93,29 +94,29 @@ def add_hybrid_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hybrid mapping (defaults: the pipeline's config; see HybridDiversityPipeline.plan)")
     k = g.add_mutually_exclusive_group()
     k.add_argument("--base_steps", type=int, default=None, help="Base steps k >= 1 (default 1).")
-    k.add_argument("--handover_timestep", type=_number, default=None, help="Base runs its timesteps above this.")
+    k.add_argument("--handover_timestep", type=number, default=None, help="Base runs its timesteps above this.")
     b = g.add_mutually_exclusive_group()
     b.add_argument(
         "--base_num_inference_steps", type=int, default=None,
         help="Base timesteps = its scheduler's spacing for N steps (default: the student's timesteps).",
     )  # fmt: skip
-    b.add_argument("--base_timesteps", type=_number_list, default=None, help="Explicit base timesteps.")
+    b.add_argument("--base_timesteps", type=number_list, default=None, help="Explicit base timesteps.")
     g.add_argument("--base_guidance_scale", type=float, default=None, help="Base CFG weight (applied when > 1).")
     g.add_argument("--handover", choices=("renoise", "transport"), default=None, help="Hand-over (default renoise).")
     g.add_argument(
-        "--resume_timestep", type=_number, default=None,
+        "--resume_timestep", type=number, default=None,
         help="One-step students: noise level of the state the student is fed.",
     )  # fmt: skip
     s = g.add_mutually_exclusive_group()
     s.add_argument("--steps", type=int, default=None, help="Student steps (default: its trained timesteps).")
-    s.add_argument("--timesteps", type=_number_list, default=None, help="Explicit student timesteps.")
+    s.add_argument("--timesteps", type=number_list, default=None, help="Explicit student timesteps.")
     g.add_argument("--guidance_scale", type=float, default=None, help="Student CFG weight (default off).")
     g.add_argument("--tile_size", type=int, default=64, help="Grid tile width in pixels (default 64).")
 
 
 def load_hybrid_pipeline(args: argparse.Namespace) -> HybridDiversityPipeline:
     """The :class:`~stepdistill.pipelines.HybridDiversityPipeline` of ``--pipeline`` or ``--base`` + ``--student``."""
-    from .pipelines import HybridDiversityPipeline
+    from ..pipelines import HybridDiversityPipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,7 +132,9 @@ def load_hybrid_pipeline(args: argparse.Namespace) -> HybridDiversityPipeline:
     else:
         if args.base is None or args.student is None:
             raise ValueError("Name the models: --base TEACHER_FOLDER --student STUDENT_FOLDER, or --pipeline FOLDER.")
-        pipe = HybridDiversityPipeline.from_pipelines(args.base, args.student, student_timesteps=args.student_timesteps)
+        pipe = HybridDiversityPipeline.from_pipelines(
+            model_folder(args.base), model_folder(args.student), student_timesteps=args.student_timesteps
+        )
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -186,9 +189,9 @@ def add_hybrid_command(sub: argparse._SubParsersAction) -> None:
 
 
 def run_hybrid(args: argparse.Namespace) -> int:
-    """Run ``stepdistill-sample hybrid``."""
-    from .sampling import make_generators
-    from .visualization import diversity_grid
+    """Run ``stepdistill sample hybrid``."""
+    from ..sampling import make_generators
+    from ..visualization import diversity_grid
 
     pipe = load_hybrid_pipeline(args)
     cond = condition_kwargs(args)
@@ -250,8 +253,8 @@ def add_dt_command(sub: argparse._SubParsersAction) -> None:
 
 
 def run_dt(args: argparse.Namespace) -> int:
-    """Run ``stepdistill-sample dt``."""
-    from .visualization import diffusion_target_grid
+    """Run ``stepdistill sample dt``."""
+    from ..visualization import diffusion_target_grid
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("base", "student", "hybrid")]
@@ -271,16 +274,96 @@ def run_dt(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# transfer
+def add_transfer_command(sub: argparse._SubParsersAction) -> None:
+    """``transfer``: apply a LoRA to teacher / student pipelines; print the statistics, write a comparison grid."""
+    tr = sub.add_parser("transfer", help="Apply a LoRA folder to teacher / student pipelines; write a comparison grid.")
+    tr.add_argument("--lora", required=True, help="LoRA folder (pytorch_lora_weights.safetensors).")
+    tr.add_argument("--model", action="append", required=True, metavar="[NAME=]FOLDER",
+                    help="Pipeline folder (teacher or student; 'digits': the shipped teacher); repeat for several.")
+    tr.add_argument("--scales", type=float_list, default=[1.0], help="LoRA scales, e.g. 0.5,1 (default 1).")
+    tr.add_argument("--classes", type=int_list, default="0-9",
+                    help="Class labels, e.g. 0-9 (empty: unconditional model).")
+    tr.add_argument("--per_class", type=int, default=2, help="Samples per class (unconditional: total samples).")
+    tr.add_argument("--seed", type=int, default=0, help="First per-image seed.")
+    tr.add_argument("--num_inference_steps", type=int, default=None, help="Teacher ODE steps (default 50).")
+    tr.add_argument("--output", default="lora_transfer.png", help="Comparison grid PNG.")
+    tr.add_argument("--json", default=None, help="Also write the statistics as JSON here.")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
+    tr.set_defaults(func=run_transfer)
+
+
+def _named_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if sep:
+        return name, path
+    folder = Path(text)
+    return (folder.parent.name if folder.name in ("student", "pipeline") else folder.name), text
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    """Run ``stepdistill sample transfer``: sample without / with the LoRA, print the table, write the grid."""
+    from ..evaluation.transfer import comparison_grid, grid_rows, markdown_table, transfer
+
+    torch.set_num_threads(max(1, args.threads))
+    labels = [c for c in args.classes for _ in range(args.per_class)] if args.classes else None
+    n = len(labels) if labels is not None else args.per_class
+    seeds = list(range(args.seed, args.seed + n))
+    models = [_named_path(m) for m in args.model]
+    results = transfer(args.lora, models, args.scales, labels, seeds, args.num_inference_steps, device=args.device)
+    print(markdown_table(results))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    comparison_grid(grid_rows(results)).save(out)
+    print(f"grid written to {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+    if not all(r.restored for r in results):
+        print("error: removing the LoRA did not restore the outputs bitwise", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# train-style-lora (a config-dataclass command: parsed by stepdistill.configs, dispatched before argparse)
+@dataclass
+class ThreadArguments:
+    """CPU settings of a command."""
+
+    threads: int = field(default=1, metadata={"help": "torch CPU threads."})
+
+
+def add_train_style_lora_command(sub: argparse._SubParsersAction) -> None:
+    """List ``train-style-lora`` (its flags are parsed by :func:`run_train_style_lora`, see :func:`main`)."""
+    sub.add_parser("train-style-lora", add_help=False,
+                   help="Train the 'bold' (thicker stroke) style LoRA on a digits teacher (--help: its flags).")
+
+
+def run_train_style_lora(argv: Sequence[str], prog: str) -> int:
+    """Run ``stepdistill sample train-style-lora``: train and save the LoRA, print where it went."""
+    from ..trainers.style_lora import StyleLoraConfig, train_style_lora
+
+    with user_errors(prog, (ValueError, FileNotFoundError, ModelFolderError)):
+        config, run = parse_configs((StyleLoraConfig, ThreadArguments), argv, prog=prog)
+        torch.set_num_threads(max(1, run.threads))
+        result = train_style_lora(config)
+    loss = f"{result.history[-1]['loss']:.4f}" if result.history else "n/a"
+    print(f"style LoRA saved to {result.folder} ({config.max_train_steps} steps, final running loss {loss})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 #: Each entry adds one subcommand to the parser (see the module docstring).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_hybrid_command, add_dt_command, cli_control.add_transfer_command, cli_control.add_train_style_lora_command,
+    add_hybrid_command, add_dt_command, add_transfer_command, add_train_style_lora_command,
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``stepdistill-sample``, one subparser per entry of :data:`SUBCOMMANDS`."""
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The parser of ``stepdistill sample``, one subparser per entry of :data:`SUBCOMMANDS`."""
     parser = argparse.ArgumentParser(
-        prog="stepdistill-sample",
+        prog=prog,
         description="Sampling commands: hybrid diversity sampling (base then student), diffusion-target grids, "
                     "LoRA control transfer between base and distilled models (and a digits style LoRA to try it).",
     )
@@ -290,15 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``stepdistill-sample``; user errors print one line and exit with status 1."""
-    args = build_parser().parse_args(argv)
-    try:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Entry point of ``stepdistill sample``; user errors print one line and exit with status 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-style-lora"]:
+        return run_train_style_lora(argv[1:], prog=f"{prog} train-style-lora")
+    args = build_parser(prog).parse_args(argv)
+    with user_errors(f"{prog} {args.command}", USER_ERRORS):
         return args.func(args)
-    except USER_ERRORS + cli_control.USER_ERRORS as err:
-        print(f"stepdistill-sample {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
