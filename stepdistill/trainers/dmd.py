@@ -446,22 +446,16 @@ class DMDTrainer(DistillationTrainer):
     def student_metadata(self) -> dict:
         """What the exported student folder records about its training."""
         cfg = self.config
-        return {
-            "method": "dmd2" if cfg.regression_loss_weight == 0 else "dmd",
-            "timesteps": self.student_timesteps,
-            "guidance_scale": 0.0,
-            "real_guidance_scale": self.guidance_scale,
-            "teacher": str(cfg.teacher),
-            "ema": bool(cfg.use_ema),
-            "global_step": self.global_step,
-        }
+        return {"method": "dmd2" if cfg.regression_loss_weight == 0 else "dmd", "timesteps": self.student_timesteps,
+                "guidance_scale": 0.0, "real_guidance_scale": self.guidance_scale, "teacher": str(cfg.teacher),
+                "ema": bool(cfg.use_ema), "global_step": self.global_step}
 
     def export(self, folder: Path) -> Path:
         """Write the student as a pipeline folder with an ``LCMScheduler`` holding the trained timesteps."""
         return self.export_student(self.student_network(), folder, self.student_timesteps, self.student_metadata())
 
     def sample_student_images(self, cond: Conditioning, seeds) -> torch.Tensor:
-        """Student samples for ``cond`` with one seeded generator per sample (EMA weights if on)."""
+        """Student samples for ``cond``, one seeded generator per sample (EMA weights if on)."""
         return self.sample_images("generator", self.student_timesteps, cond, seeds)
 
     #: Noise levels (fractions of T) of the real / fake x0 rows in the sample grid.
