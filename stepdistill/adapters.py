@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,7 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .conditioning import Conditioning
 from .denoiser import Denoiser, DenoiserOutput
+from .schedules import NoiseSchedule, TimestepLike
 
 #: Default LoRA targets: UNet resnet convs / time projections and attention projections.
 DEFAULT_TARGET_MODULES = ("conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0")
@@ -52,9 +55,23 @@ def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _adapter_key(adapter: str) -> re.Pattern:
+    """Matches ``.lora_A.<adapter>.`` (and ``lora_B`` / ``lora_embedding_*`` / ``lora_magnitude_vector``) in a name.
+
+    The adapter name must follow a ``lora_*`` component: an adapter called ``"0"`` must not match ``blocks.0.``.
+    """
+    return re.compile(rf"\.lora_[A-Za-z_]+\.{re.escape(adapter)}(\.|$)")
+
+
+def _strip_adapter(param_name: str, adapter: str) -> str:
+    """``a.lora_A.<adapter>.weight`` -> ``a.lora_A.weight`` (peft's saved form)."""
+    return _adapter_key(adapter).sub(lambda m: m.group(0).replace(f".{adapter}", "", 1), param_name, count=1)
+
+
 def adapter_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
     """The LoRA parameters of ``adapter`` in ``model`` (peft names them ``...lora_A.<adapter>.weight``)."""
-    return [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in f"{n}."]
+    key = _adapter_key(adapter)
+    return [p for n, p in model.named_parameters() if key.search(n)]
 
 
 @contextmanager
@@ -149,7 +166,7 @@ class AdapterDenoiser(Denoiser):
         """The shared network's accepted conditioning fields."""
         return self.__dict__["_inner"].accepted()
 
-    def forward(self, x_t: torch.Tensor, t, cond=None) -> DenoiserOutput:
+    def forward(self, x_t: torch.Tensor, t: TimestepLike, cond: Conditioning | None = None) -> DenoiserOutput:
         """Denoise with this view's adapter active (see :meth:`Denoiser.forward`)."""
         with active_adapter(self.model, self.adapter):
             return self.__dict__["_inner"](x_t, t, cond)
@@ -179,7 +196,7 @@ class NamedAdapters:
     def __init__(
         self,
         network: nn.Module,
-        schedule,
+        schedule: NoiseSchedule,
         rank: int,
         alpha: float | None = None,
         target_modules: Sequence[str] | None = None,
@@ -233,16 +250,14 @@ class NamedAdapters:
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s weights, keyed by module path without the adapter name (peft's saved form)."""
         self._check(name)
-        marker = f".{name}."
-        return {n.replace(marker, "."): p.detach() for n, p in self.network.named_parameters()
-                if "lora_" in n and marker in f"{n}."}
+        return {_strip_adapter(n, name): p.detach() for n, p in self.network.named_parameters()
+                if _adapter_key(name).search(n)}
 
     @torch.no_grad()
     def load_state_dict(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         """Load weights from :meth:`state_dict` into adapter ``name`` (keys and shapes must match exactly)."""
         self._check(name)
-        own = {n.replace(f".{name}.", "."): p for n, p in self.network.named_parameters()
-               if "lora_" in n and f".{name}." in f"{n}."}
+        own = {_strip_adapter(n, name): p for n, p in self.network.named_parameters() if _adapter_key(name).search(n)}
         if set(own) != set(state):
             missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
             raise ValueError(f"Adapter {name!r}: state dict does not match (missing {missing[:3]}, "
@@ -307,9 +322,6 @@ class NetworkLayout:
     network for export (:meth:`standalone`); it never branches on the mode.
     """
 
-    #: Whether the roles share one network with the teacher (forward hooks on it would fire for every role).
-    shared: bool = False
-
     @property
     def teacher(self) -> Denoiser:
         """The frozen teacher."""
@@ -373,8 +385,6 @@ class SharedBaseAdapters(NetworkLayout):
         base_weights: A callable returning the fp32 teacher weights (``named_parameters``), used by
             :meth:`standalone` to undo the rounding of a low-precision base; ``None`` when the base is fp32.
     """
-
-    shared = True
 
     def __init__(
         self,

@@ -178,9 +178,8 @@ class NoiseSchedule(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Convert a network output at ``(x_t, t)`` into ``(x0, eps)`` estimates.
 
-        Formulas hold for any ``(alpha, sigma)``; see the module docstring of
-        ``shared/methods/README.md``-style notation: ``v = alpha eps - sigma x0``,
-        ``flow = eps - x0``.
+        Formulas hold for any ``(alpha, sigma)``, with ``v = alpha eps - sigma x0`` (Salimans & Ho 2022) and
+        ``flow = eps - x0`` (rectified flow, Liu et al. 2023).
 
         Args:
             model_output: Raw network prediction of type ``self.prediction_type``.

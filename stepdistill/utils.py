@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes of folders and files."""
+"""Small shared helpers: atomic writes of folders and files, the precision and device a run uses."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 
 def atomic_write_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
@@ -56,3 +58,13 @@ def atomic_write_file(target: str | Path, write: Callable[[Path], None]) -> Path
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def precision_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of frozen networks under accelerate's ``mixed_precision`` (``no`` / ``fp16`` / ``bf16``)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def runs_on_cpu(cpu: bool) -> bool:
+    """Whether a run uses the CPU: asked for, or ``accelerate launch --multi_gpu`` on a machine without CUDA (gloo)."""
+    return cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)

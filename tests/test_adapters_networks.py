@@ -95,3 +95,12 @@ def test_feature_discriminator_trains_only_its_heads():
     assert all(p.grad is None for p in extractor.parameters())
     disc.to(torch.float64)
     assert extractor[1].weight.dtype == torch.float64  # .to() moves the unregistered extractor too
+
+
+def test_adapter_names_that_look_like_module_path_segments(tiny_teacher):
+    teacher = load_denoiser(tiny_teacher)
+    adapters = NamedAdapters(copy.deepcopy(teacher.model), teacher.schedule, rank=2, names=["0", "1"])
+    zero, one = ({id(p) for p in adapters.parameters(n)} for n in ("0", "1"))
+    assert zero and one and not zero & one  # "0" does not match down_blocks.0.* of adapter "1"
+    assert set(adapters.state_dict("0")) == set(adapters.state_dict("1"))
+    assert all(".lora_" in k and ".0." not in k.split(".lora_")[1] for k in adapters.state_dict("0"))

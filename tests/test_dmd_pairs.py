@@ -145,7 +145,7 @@ def test_mismatched_pairs_file_gives_clear_errors(tiny_teacher, pairs_file, tmp_
     toy = CallableDenoiser(lambda x, t, c: 0.5 * x, schedule)
     small = generate_regression_pairs(toy, DigitsSource(), 3, (1, 4, 4), 2, None, 0)
     save_regression_pairs(small, tmp_path / "small.safetensors")
-    with pytest.raises(PairsFileError, match=r"shape \[1, 4, 4\].*\[1, 8, 8\].*generate_pairs.py"):
+    with pytest.raises(PairsFileError, match=r"shape \[1, 4, 4\].*\[1, 8, 8\].*stepdistill pairs"):
         DMDTrainer(_config(tiny_teacher, tmp_path / "a", regression_pairs=str(tmp_path / "small.safetensors")))
     # same architecture and schedule, other weights: caught by re-running the ODE on the first pair
     torch.manual_seed(1)

@@ -62,6 +62,13 @@ def test_dmd2_one_step_gan_ema_trains_everything(tiny_teacher, tmp_path):
     assert (ckpt / "critic" / "denoiser" / "model" / "config.json").is_file()
     assert (ckpt / "critic" / "extra.safetensors").is_file()  # the GAN head
     assert not list(ckpt.glob("model*.safetensors")), "accelerate wrote the models a second time"
+    assert (ckpt / "generator" / "ema" / "model" / "config.json").is_file()  # the EMA as weights, not a pickle
+    assert len(list(ckpt.glob("custom_checkpoint_*"))) == 2  # the two LR schedules only
+    # --init_generator <checkpoint> starts from the EMA weights
+    with trainer.ema_weights("generator"):
+        ema = {k: v.clone() for k, v in trainer.unwrap("generator").model.state_dict().items()}
+    init = trainer.load_init_network(ckpt, trainer.unwrap("generator").model, "generator", "init_generator")
+    assert all(torch.equal(v, ema[k]) for k, v in init.state_dict().items())
     assert (tmp_path / "run" / "samples" / "step-000002.png").is_file()
     student = load_denoiser(tmp_path / "run" / "student")
     meta = json.loads((tmp_path / "run" / "student" / "stepdistill_student.json").read_text())

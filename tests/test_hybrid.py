@@ -56,6 +56,7 @@ class Recorder:
     def __init__(self, module: torch.nn.Module) -> None:
         self.inputs: list[torch.Tensor] = []
         self.timesteps: list[torch.Tensor] = []
+        self.attention_kwargs: list[dict | None] = []
         self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs) -> None:
@@ -63,6 +64,7 @@ class Recorder:
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         self.inputs.append(x.detach().clone())
         self.timesteps.append(torch.as_tensor(t).detach().clone())
+        self.attention_kwargs.append(kwargs.get("cross_attention_kwargs"))
 
     @property
     def calls(self) -> int:
@@ -306,6 +308,14 @@ def test_stock_sd_pipelines_text_conditional():
     assert (out.images[0] - out.images[1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="text-conditional"):
         pipe(generator=make_generators([0]))
+    # cross_attention_kwargs reach both networks' attention calls
+    rec_b, rec_s = Recorder(pipe.base_unet), Recorder(pipe.unet)
+    try:
+        pipe(prompt_embeds=embeds, generator=make_generators([0, 1]), cross_attention_kwargs={"scale": 0.5})
+    finally:
+        rec_b.close(), rec_s.close()
+    assert rec_b.attention_kwargs == rec_s.attention_kwargs == [{"scale": 0.5}]
+    assert pipe.cross_attention_kwargs == {"scale": 0.5}
 
 
 def test_flow_schedule_sd3_like():

@@ -34,14 +34,19 @@ def _state(trainer: ToyTrainer) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("schedule", [dict(reset_at=2, freeze_at=3), dict(reset_at=5, freeze_at=6)],
-                         ids=["before_checkpoint", "after_checkpoint"])
+@pytest.mark.parametrize("schedule", [
+    dict(reset_at=2, freeze_at=3),
+    dict(reset_at=5, freeze_at=6),
+    dict(reset_at=2, freeze_at=3, lora_rank=2, lr_scheduler="linear", gradient_accumulation_steps=2),
+    dict(reset_at=5, freeze_at=6, lora_rank=2, lr_scheduler="cosine"),
+], ids=["before_checkpoint", "after_checkpoint", "lora_linear_before", "lora_cosine_after"])
 def test_reset_and_freeze_survive_resume_bitwise(tiny_teacher, tmp_path, schedule):
     common = dict(reset_role="a", freeze_role="b", use_ema=True, intervals=[1, 2], **schedule)
     straight = ToyTrainer(_config(tiny_teacher, tmp_path / "straight", **common))
     straight.train()
-    half = ToyTrainer(_config(tiny_teacher, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=4, **common))
-    half.train()
+    killed = ToyTrainer(_config(tiny_teacher, tmp_path / "resumed", checkpointing_steps=4, interrupt_at=5, **common))
+    with pytest.raises(KeyboardInterrupt):  # killed after the checkpoint of iteration 4, one step into the rest
+        killed.train()
     resumed = ToyTrainer(_config(tiny_teacher, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
     resumed.train()
     assert resumed.global_step == 8
@@ -53,8 +58,16 @@ def test_reset_and_freeze_survive_resume_bitwise(tiny_teacher, tmp_path, schedul
         assert t.trainables["b"].frozen and not t.trainables["a"].frozen
         assert t.trainables["a"].resets == [schedule["reset_at"]]
         assert not any(p.requires_grad for p in t.unwrap("b").parameters())
-    state = json.loads((list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1] / "trainer_state.json").read_text())
+    ckpt = list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["trainables"]["a"]["resets"] == ([2] if schedule["reset_at"] < 4 else [])
+    assert state["trainables"]["a"]["ema"]["optimization_step"] > 0  # EMA counters in the state, weights as files
+    assert (ckpt / "a" / "ema" / "extra.safetensors").is_file() or (ckpt / "a" / "ema" / "model").is_dir()
+    assert len(list(ckpt.glob("custom_checkpoint_*"))) == 2  # the two LR schedules; no pickled EMA
+    for t in (straight, resumed):  # the reset schedule restarted over the steps left (linear / cosine reach 0)
+        lr_a = t.trainables["a"].lr_scheduler.get_last_lr()[0]
+        if schedule.get("lr_scheduler") in ("linear", "cosine"):
+            assert lr_a < 1e-4
 
 
 def test_reset_restores_weights_optimizer_schedule_and_ema_and_freeze_stops_updates(tiny_teacher, tmp_path):
@@ -82,6 +95,15 @@ def test_reset_restores_weights_optimizer_schedule_and_ema_and_freeze_stops_upda
     assert all(torch.equal(p, q) for p, q in zip(trainer.unwrap("b").parameters(), b_before))
 
 
+def test_optimizer_settings_default_to_the_config():
+    from stepdistill.trainers.base import OptimizerSettings
+
+    with pytest.raises(ValueError, match="learning_rate"):
+        OptimizerSettings(learning_rate=0.0)
+    with pytest.raises(ValueError, match="update_interval"):
+        OptimizerSettings(learning_rate=1.0, update_interval=0)
+
+
 def test_per_trainable_settings_param_groups_intervals_and_emas(tiny_teacher, tmp_path):
     cfg = _config(tiny_teacher, tmp_path / "run", intervals=[1, 3], use_ema=True, adam_weight_decay=0.01,
                   group_prefix="model.conv_in.", group_learning_rate=0.1, group_weight_decay=0.5, lr_warmup_steps=0)
@@ -93,6 +115,8 @@ def test_per_trainable_settings_param_groups_intervals_and_emas(tiny_teacher, tm
     assert (groups[0]["lr"], groups[0]["weight_decay"]) == (0.1, 0.5)
     assert (groups[1]["lr"], groups[1]["weight_decay"]) == (1e-3, 0.01)
     assert len(trainer.trainables["b"].optimizer.param_groups) == 1
+    b_group = trainer.trainables["b"].optimizer.param_groups[0]
+    assert (b_group["betas"], b_group["eps"], b_group["weight_decay"]) == ((0.9, 0.999), 1e-8, 0.01)  # config defaults
     assert set(trainer.emas) == {"a", "b"}
     snapshots = []
     for step in range(4):

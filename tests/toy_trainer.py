@@ -33,6 +33,7 @@ class ToyConfig(TrainerConfig):
     group_prefix: str | None = None  # a ParamGroup for parameters starting with this (role "a" only)
     group_learning_rate: float = 1e-1
     group_weight_decay: float = 0.5
+    interrupt_at: int = -1  # raise KeyboardInterrupt at this iteration (a killed run)
 
 
 class ToyTrainer(DistillationTrainer):
@@ -59,6 +60,8 @@ class ToyTrainer(DistillationTrainer):
 
     def training_step(self, step: int) -> dict[str, torch.Tensor]:
         cfg, device = self.config, self.accelerator.device
+        if step == cfg.interrupt_at:
+            raise KeyboardInterrupt(f"interrupted at iteration {step}")
         if step == cfg.reset_at:
             self.reset_trainable(cfg.reset_role)
         if step == cfg.freeze_at:
@@ -67,12 +70,16 @@ class ToyTrainer(DistillationTrainer):
         for role in cfg.roles:
             if not self.should_update(role, step):
                 continue
-            cond, x0 = self.data.sample(cfg.train_batch_size, self.rng)
-            noised = self.dsm.noise(x0.to(device), self.rng)
-            out = self.trainables[role].module(noised.x_t, noised.t.to(device), cond.to(device))
-            loss = self.dsm(out.model_output, noised.target).mean()
-            self.backward(loss, role)
-            metrics[f"loss/{role}"] = loss.detach()
+            losses = []
+            for micro in range(cfg.gradient_accumulation_steps):
+                cond, x0 = self.data.sample(cfg.train_batch_size, self.rng)
+                noised = self.dsm.noise(x0.to(device), self.rng)
+                with self.sync_context(role, micro):
+                    out = self.trainables[role].module(noised.x_t, noised.t.to(device), cond.to(device))
+                    loss = self.dsm(out.model_output, noised.target).mean()
+                    self.backward(loss, role)
+                losses.append(loss.detach())
+            metrics[f"loss/{role}"] = torch.stack(losses).mean()
             metrics[f"grad_norm/{role}"] = torch.tensor(self.optimizer_step(role))
         return metrics
 

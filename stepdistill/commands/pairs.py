@@ -13,7 +13,6 @@ pairs the trainer would otherwise generate at start. The file format lives in :m
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 
 from ..configs import parse_configs
 from ..loading import ModelFolderError
+from ..utils import precision_dtype, runs_on_cpu
 from .common import user_errors
 
 if TYPE_CHECKING:
@@ -87,9 +87,8 @@ def generate_pairs(cfg: DMDConfig, output: Path, batch_size: int = 256) -> Path:
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    cpu = cfg.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    state = PartialState(cpu=cpu)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    state = PartialState(cpu=runs_on_cpu(cfg.cpu))
+    dtype = precision_dtype(cfg.mixed_precision)
     teacher = load_denoiser(cfg.teacher)
     teacher.model.requires_grad_(False).eval().to(state.device)
     if dtype != torch.float32:

@@ -1,6 +1,6 @@
 """Evaluation: feature extractors, FID / KID / precision-recall / diversity, reference statistics, the command.
 
-The same functions serve the ``stepdistill-eval`` command, ``eval/bench_digits.py`` and the trainers::
+The same functions serve the ``stepdistill eval`` command, ``eval/bench_digits.py`` and the trainers::
 
     from stepdistill.evaluation import DigitsClassifierFeatures, ReferenceStats, compute_metrics
 

@@ -136,7 +136,7 @@ class ReferenceStats:
             raise StatsMismatchError(
                 f"The reference statistics ({self.source or 'unknown source'}) were computed with feature extractor "
                 f"{self.extractor!r}, but the features in use come from {name!r}. Numbers across extractors (or "
-                "across weights of one network) are not comparable: recompute the reference with `stepdistill-eval "
+                "across weights of one network) are not comparable: recompute the reference with `stepdistill eval "
                 "ref` and the same --features, or evaluate with the reference's extractor."
             )
 
@@ -176,7 +176,7 @@ class ReferenceStats:
         path = Path(path)
         if not path.is_file():
             raise StatsFileError(
-                f"Reference statistics {str(path)!r} not found; make them with `stepdistill-eval ref`."
+                f"Reference statistics {str(path)!r} not found; make them with `stepdistill eval ref`."
             )
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -188,7 +188,7 @@ class ReferenceStats:
             raise StatsFileError(
                 f"{str(path)!r} lacks {missing}: it is not a stepdistill reference statistics file (clean-fid files "
                 "hold mu/sigma without the extractor's identity, so a mismatch could not be detected). Make the "
-                "reference with `stepdistill-eval ref`."
+                "reference with `stepdistill eval ref`."
             )
         stats = cls(
             mu=arrays["mu"].astype(np.float64),

@@ -6,10 +6,12 @@ trainer's explicit ``generator``. No Accelerate in here.
 
 * :mod:`.distribution_matching` -- DMD's generator gradient and its stop-gradient surrogate;
 * :mod:`.score_matching` -- denoising score matching (fake-score critics, denoisers);
+* :mod:`.critic` -- DMD's critic objective (score matching + discriminator) in one critic forward;
 * :mod:`.gan` -- non-saturating GAN losses and the diffusion-GAN input noise;
 * :mod:`.regression` -- DMD1's regression distances (MSE, digits features, LPIPS).
 """
 
+from .critic import CriticTerms, FakeScoreLoss
 from .distribution_matching import (
     DistributionMatchingLoss,
     DistributionMatchingResult,
@@ -31,9 +33,11 @@ from .score_matching import DenoisingScoreMatchingLoss, NoisedBatch
 
 __all__ = [
     "REGRESSION_DISTANCES",
+    "CriticTerms",
     "DenoisingScoreMatchingLoss",
     "DistributionMatchingLoss",
     "DistributionMatchingResult",
+    "FakeScoreLoss",
     "FeatureDistance",
     "GANDiscriminatorLoss",
     "GANGeneratorLoss",

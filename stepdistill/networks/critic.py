@@ -122,7 +122,9 @@ class FakeScore(nn.Module):
     def _capture(self, module: nn.Module, inputs, output) -> None:
         self._features = _first_output(output)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None):
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return ``(x0, eps, model_output, logits or None)`` for ``x_t`` at ``t``."""
         self._features = None
         out = self.denoiser(x_t, t, cond)

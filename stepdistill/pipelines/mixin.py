@@ -217,7 +217,7 @@ class StepDistillPipelineMixin:
                 if len(negative) != batch:
                     raise ValueError(f"Got {len(negative)} negative prompts for {batch} prompts.")
                 negative_prompt_embeds = self._encode_text(negative, device, max_length=prompt_embeds.shape[1])
-        if do_classifier_free_guidance:
+        if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(n, dim=0)
         return prompt_embeds.repeat_interleave(n, dim=0), negative_prompt_embeds
 
@@ -501,13 +501,17 @@ class StepDistillPipelineMixin:
         replaces the state.
         """
         self._num_timesteps = plan.num_steps
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' convention
         with self.progress_bar(total=plan.num_steps) as progress_bar:
 
             def on_step(i: int, t: float, out: DenoiserOutput, x: torch.Tensor) -> torch.Tensor | None:
                 replaced = None
                 if callback_on_step_end is not None:
                     available = {"latents": x, "denoised": out.x0}
-                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs if k in available}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     replaced = (callback_outputs or {}).pop("latents", None)
                 progress_bar.update()

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
 from ..adapters import NetworkLayout, make_layout
@@ -47,8 +48,10 @@ from ..conditioning import Conditioning
 from ..data.config import DataConfig
 from ..data.sources import ConditionSource, Predicate, make_data_source
 from ..denoiser import Denoiser
+from ..utils import precision_dtype, runs_on_cpu
 from .checkpointing import (
     CHECKPOINT_PREFIX,
+    EMA_FOLDER,
     RNGState,
     list_checkpoints,
     load_module_weights,
@@ -253,11 +256,12 @@ class Trainable:
 
 
 def _networks(module: nn.Module) -> list[nn.Module]:
-    """``module.modules()`` plus those of a network it wraps without registering it (a shared-base view)."""
+    """``module.modules()`` plus those of networks wrapped without registering them (shared-base views)."""
     found = list(module.modules())
-    inner = module.__dict__.get("model")
-    if isinstance(inner, nn.Module):
-        found += list(inner.modules())
+    for m in list(found):
+        inner = m.__dict__.get("model")
+        if isinstance(inner, nn.Module) and "model" not in m._modules:
+            found += list(inner.modules())
     return found
 
 
@@ -286,7 +290,7 @@ class DistillationTrainer:
     def __init__(
         self,
         config: TrainerConfig,
-        accelerator=None,
+        accelerator: Any = None,
         teacher: Denoiser | None = None,
         condition_filter: Predicate | None = None,
     ) -> None:
@@ -298,9 +302,7 @@ class DistillationTrainer:
         self.accelerator = accelerator if accelerator is not None else self._make_accelerator()
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision, torch.float32
-        )
+        self.weight_dtype = precision_dtype(self.accelerator.mixed_precision)
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -325,13 +327,11 @@ class DistillationTrainer:
         from accelerate.utils import ProjectConfiguration
 
         cfg = self.config
-        # `accelerate launch --multi_gpu` on a machine without CUDA: run the processes on CPU (gloo).
-        cpu = cfg.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
         return Accelerator(
             mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to in ("none", "", None) else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=f"{cfg.output_dir}/logs"),
-            cpu=cpu,
+            cpu=runs_on_cpu(cfg.cpu),
         )
 
     def build(self) -> None:
@@ -339,12 +339,8 @@ class DistillationTrainer:
         raise NotImplementedError
 
     def optimizer_settings(self, learning_rate: float, **overrides: Any) -> OptimizerSettings:
-        """:class:`OptimizerSettings` with this config's AdamW defaults, ``learning_rate`` and ``overrides``."""
-        cfg = self.config
-        kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                      eps=cfg.adam_epsilon, max_grad_norm=cfg.max_grad_norm)
-        kwargs.update(overrides)
-        return OptimizerSettings(learning_rate=learning_rate, **kwargs)
+        """:class:`OptimizerSettings` with ``learning_rate`` and ``overrides`` (the rest: the config's defaults)."""
+        return OptimizerSettings(learning_rate=learning_rate, **overrides)
 
     def add_trainable(
         self,
@@ -372,6 +368,13 @@ class DistillationTrainer:
         if name in self.trainables:
             raise ValueError(f"A trainable named {name!r} exists already.")
         cfg = self.config
+        settings = dataclasses.replace(  # None fields take the config's defaults
+            settings,
+            betas=settings.betas if settings.betas is not None else (cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=settings.weight_decay if settings.weight_decay is not None else cfg.adam_weight_decay,
+            eps=settings.eps if settings.eps is not None else cfg.adam_epsilon,
+            max_grad_norm=settings.max_grad_norm if settings.max_grad_norm is not None else cfg.max_grad_norm,
+        )
         module.train()
         cast_training_params(module, dtype=torch.float32)  # frozen parts (e.g. a shared LoRA base) keep their dtype
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -449,11 +452,8 @@ class DistillationTrainer:
         # process and skip iterations where a trainable does not update); register them for checkpoints.
         for n in names:
             acc.register_for_checkpointing(self.trainables[n].lr_scheduler)
-        for n in names:
-            ema = self.trainables[n].ema
-            if ema is not None:
-                ema.to(acc.device)
-                acc.register_for_checkpointing(ema)
+            if self.trainables[n].ema is not None:  # saved by the model hooks, as weights (not pickled)
+                self.trainables[n].ema.to(acc.device)
         acc.register_save_state_pre_hook(self._save_models_hook)
         acc.register_load_state_pre_hook(self._load_models_hook)
 
@@ -473,7 +473,7 @@ class DistillationTrainer:
         t = self.trainables[name]
         return not t.frozen and step % t.settings.update_interval == 0
 
-    def sync_context(self, name: str, micro_step: int):
+    def sync_context(self, name: str, micro_step: int) -> contextlib.AbstractContextManager:
         """Context for one micro-batch of ``name``: skips the DDP gradient all-reduce except on the last."""
         if micro_step < self.config.gradient_accumulation_steps - 1:
             return self.accelerator.no_sync(self.trainables[name].module)
@@ -494,9 +494,16 @@ class DistillationTrainer:
         t = self.trainables[name]
         if t.frozen:
             raise RuntimeError(f"Trainable {name!r} is frozen: it takes no optimizer steps.")
+        acc = self.accelerator
         params = [p for p in t.module.parameters() if p.requires_grad]
-        clip = t.settings.max_grad_norm if t.settings.max_grad_norm is not None else self.config.max_grad_norm
-        norm = self.accelerator.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        clip = t.settings.max_grad_norm if t.settings.max_grad_norm > 0 else float("inf")
+        if acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            # unscale this optimizer only: accelerate's clip_grad_norm_ unscales every optimizer, which would
+            # unscale another trainable's fp16 gradients a second time after this one's scaler update
+            acc.unscale_gradients(optimizer=t.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:  # FSDP / DeepSpeed / XLA clip their own way
+            norm = acc.clip_grad_norm_(params, clip)
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
         if t.ema is not None:
@@ -542,18 +549,37 @@ class DistillationTrainer:
         module.load_state_dict(state, strict=True)
         t.optimizer.zero_grad(set_to_none=True)
         t.optimizer.state.clear()
-        sched = t.lr_scheduler
-        sched.last_epoch = 0
-        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(0)
-        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        self._restart_schedule(t, self.config.max_train_steps - self.global_step)
         if t.ema is not None:
             t.ema.shadow_params = [p.detach().clone() for p in module.parameters()]
             t.ema.optimization_step = 0
         t.resets.append(self.global_step)
 
+    def _restart_schedule(self, t: Trainable, num_steps: int, keep_step: bool = False) -> None:
+        """Give ``t`` a fresh LR schedule (warm-up again) over ``num_steps`` iterations.
+
+        The schedule object stays the one registered for checkpoints; only its LR function and step change.
+        With ``keep_step`` (resume) its restored step and learning rates are kept.
+        """
+        from diffusers.optimization import get_scheduler
+
+        cfg, sched = self.config, t.lr_scheduler
+        lrs = [g["lr"] for g in sched.optimizer.param_groups]
+        fresh = get_scheduler(cfg.lr_scheduler, sched.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=max(1, num_steps))
+        sched.lr_lambdas = fresh.lr_lambdas
+        if keep_step:
+            for group, lr in zip(sched.optimizer.param_groups, lrs):
+                group["lr"] = lr
+        else:
+            sched.last_epoch, sched._last_lr = fresh.last_epoch, fresh.get_last_lr()
+
     def freeze_trainable(self, name: str) -> None:
-        """Freeze trainable ``name`` for the rest of the run: no gradients, no optimizer / schedule / EMA steps."""
+        """Freeze trainable ``name`` for the rest of the run: no gradients, no optimizer / schedule / EMA steps.
+
+        Methods run a frozen trainable through ``unwrap(name)`` (under ``no_grad``), never through its DDP
+        wrapper ``trainables[name].module``, whose reducer expects gradients for every parameter it holds.
+        """
         t = self.trainables[name]
         t.frozen = True
         t.optimizer.zero_grad(set_to_none=True)
@@ -595,7 +621,12 @@ class DistillationTrainer:
         from .teacher import fp32_weights
 
         cfg, spec = self.config, self.teacher_spec
-        base_weights = (lambda: fp32_weights(spec)) if spec is not None else None
+        base_weights = None
+        if spec is not None:  # the fp32 weights on disk, read only when an export needs them
+            base_weights = lambda: fp32_weights(spec)  # noqa: E731
+        elif cfg.lora_rank > 0 and self.weight_dtype != torch.float32:  # a module: keep its weights before the cast
+            snapshot = {k: v.detach().float().cpu().clone() for k, v in teacher.model.named_parameters()}
+            base_weights = lambda: snapshot  # noqa: E731
         return make_layout(teacher, cfg.lora_rank, roles, cfg.lora_alpha, cfg.lora_target_modules,
                            base_dtype=self.weight_dtype, base_weights=base_weights)
 
@@ -618,11 +649,15 @@ class DistillationTrainer:
         self.data = self.full_data if self.condition_filter is None else self.full_data.subset(self.condition_filter)
         return self.data
 
-    def load_init_network(self, path: str | Path, like: nn.Module, what: str = "init_generator") -> nn.Module:
-        """A trainable network with ``like``'s architecture from a model / student / checkpoint folder."""
+    def load_init_network(self, path: str | Path, like: nn.Module, role: str, what: str) -> nn.Module:
+        """A trainable network with ``like``'s architecture from a model / student / run / checkpoint folder.
+
+        In a checkpoint, trainable ``role``'s EMA weights are preferred to its raw weights. ``what`` names the
+        setting in errors (e.g. ``init_generator``).
+        """
         from .teacher import load_init_network
 
-        return load_init_network(path, like, what)
+        return load_init_network(path, like, role, what)
 
     # ----------------------------------------------------------------------------------------------
     # output helpers
@@ -639,7 +674,9 @@ class DistillationTrainer:
                                      self.null_class_label)
 
     @torch.no_grad()
-    def sample_images(self, name: str, timesteps: Sequence[float], cond: Conditioning, seeds: Sequence[int]):
+    def sample_images(
+        self, name: str, timesteps: Sequence[float], cond: Conditioning, seeds: Sequence[int]
+    ) -> torch.Tensor:
         """Few-step samples of trainable ``name`` (a denoiser; EMA weights if it keeps one), one seed per image."""
         from ..sampling import initial_noise, make_generators, sample_student
 
@@ -652,6 +689,65 @@ class DistillationTrainer:
             out = sample_student(den, z.to(device), cond.to(device), list(timesteps), generator=gens)
         den.train()
         return out.float().cpu()
+
+    def student_inputs(
+        self, denoiser: Denoiser, timesteps: Sequence[float], cond: Conditioning, backward_simulation: bool
+    ) -> tuple[torch.Tensor, float]:
+        """The input ``(x_t, t)`` of a k-step student for one training iteration (DMD2 Sec. 4.5).
+
+        A one-step student gets pure noise at ``timesteps[0]``. For k-step lists a step index ``k`` is drawn
+        from ``shared_rng`` (the same on every process, so all ranks run the same number of forwards); with
+        ``backward_simulation`` the student runs steps ``0..k-1`` itself from pure noise (:func:`rollout` to
+        ``timesteps[k]``, without gradient); without it, real images from ``self.data`` are noised to ``t_k``.
+        """
+        from ..sampling import rollout
+
+        device = self.accelerator.device
+        ts = list(timesteps)
+        batch = cond.batch_size or self.config.train_batch_size
+        cond = cond.to(device)
+        x = torch.randn(batch, *self.sample_shape, generator=self.rng).to(device)
+        k = int(torch.randint(0, len(ts), (1,), generator=self.shared_rng)) if len(ts) > 1 else 0
+        if k > 0 and backward_simulation:
+            x = rollout(denoiser, x, cond, ts, generator=self.rng, stop=ts[k])
+        elif k > 0:
+            _, real = self.data.sample(batch, self.rng)
+            x = self.schedule.add_noise(real.to(device), x, ts[k])
+        return x, ts[k]
+
+    @torch.no_grad()
+    def score_rows(
+        self,
+        x: torch.Tensor,
+        cond: Conditioning,
+        scores: Sequence[tuple[Denoiser, float | None]],
+        levels: Sequence[float] = (0.25, 0.5, 0.75),
+    ) -> list[torch.Tensor]:
+        """Diagnostic grid rows: for each noise level, each score's x0 prediction from ``x`` noised to it.
+
+        ``scores`` are ``(denoiser, guidance scale or None)`` pairs, e.g. the teacher with its CFG and a fake
+        score: where their rows differ is what a distribution-matching gradient pushes on. The noise is fixed
+        (seed 0), so grids of successive steps compare.
+        """
+        from ..denoiser import guided_denoise
+
+        device, n = self.accelerator.device, x.shape[0]
+        c = cond.to(device)
+        rows = []
+        for level in levels:
+            t = torch.full((n,), float(int(self.schedule.max_timestep * level)), dtype=torch.float64)
+            eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+            x_t = self.schedule.add_noise(x, eps, t).to(device)
+            rows += [guided_denoise(den, x_t, t, c, w).x0.float().cpu() for den, w in scores]
+        return rows
+
+    def write_grid(self, rows: Sequence[torch.Tensor], path: Path) -> None:
+        """Save rows of samples (pixels or latents) as one image (nothing for latents without a VAE)."""
+        from ..data.digits import make_grid_image
+
+        pixels = self.grid_pixels(torch.cat(list(rows)))
+        if pixels is not None:
+            make_grid_image(pixels, nrow=rows[0].shape[0], scale=4 if pixels.shape[-1] <= 64 else 1).save(path)
 
     def grid_pixels(self, x: torch.Tensor) -> torch.Tensor | None:
         """``[-1, 1]`` pixels of samples for a grid (latents decoded by the teacher's VAE; ``None`` without one)."""
@@ -703,22 +799,32 @@ class DistillationTrainer:
         raise RuntimeError(f"A {type(bare).__name__} prepared by Accelerate is not a registered trainable.")
 
     def _save_models_hook(self, models: list, weights: list, output_dir: str) -> None:
-        """Accelerate save hook: each trainable into ``<checkpoint>/<name>/`` (diffusers folders), once."""
+        """Accelerate save hook: each trainable into ``<checkpoint>/<name>/`` once, its EMA into ``<name>/ema/``."""
         if len(weights) != len(models):  # FSDP / DeepSpeed wrote the models themselves
             return
         if self.accelerator.is_main_process:
             for model in models:
-                folder = Path(output_dir) / self._trainable_name(model)
-                save_module_weights(self.accelerator.unwrap_model(model), folder)
+                name = self._trainable_name(model)
+                module, folder = self.accelerator.unwrap_model(model), Path(output_dir) / name
+                save_module_weights(module, folder)
+                if self.trainables[name].ema is not None:
+                    with self.ema_weights(name):
+                        save_module_weights(module, folder / EMA_FOLDER)
         weights.clear()  # accelerate must not write them a second time
 
     def _load_models_hook(self, models: list, input_dir: str) -> None:
-        """Accelerate load hook: read each trainable back from ``<checkpoint>/<name>/``."""
+        """Accelerate load hook: read each trainable (and its EMA weights) back from ``<checkpoint>/<name>/``."""
         for model in list(models):
-            folder = Path(input_dir) / self._trainable_name(model)
-            if folder.is_dir():
-                load_module_weights(self.accelerator.unwrap_model(model), folder)
-                models.remove(model)
+            name = self._trainable_name(model)
+            module, folder = self.accelerator.unwrap_model(model), Path(input_dir) / name
+            if not folder.is_dir():
+                continue
+            ema = self.trainables[name].ema
+            if ema is not None and (folder / EMA_FOLDER).is_dir():
+                load_module_weights(module, folder / EMA_FOLDER)
+                ema.shadow_params = [p.detach().clone() for p in module.parameters()]
+            load_module_weights(module, folder)
+            models.remove(model)
 
     def last_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of this run, if any."""
@@ -726,11 +832,13 @@ class DistillationTrainer:
         return found[-1] if found else None
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {
-            "global_step": self.global_step,
-            "num_processes": self.accelerator.num_processes,
-            "trainables": {n: {"frozen": t.frozen, "resets": list(t.resets)} for n, t in self.trainables.items()},
-        }
+        trainables = {}
+        for n, t in self.trainables.items():
+            trainables[n] = {"frozen": t.frozen, "resets": list(t.resets)}
+            if t.ema is not None:  # the EMA's counters (its weights are in <name>/ema/)
+                trainables[n]["ema"] = {k: v for k, v in t.ema.state_dict().items() if k != "shadow_params"}
+        return {"global_step": self.global_step, "num_processes": self.accelerator.num_processes,
+                "trainables": trainables}
 
     def save_checkpoint(self) -> Path:
         """Save a checkpoint atomically (every process takes part); prune to ``checkpoints_total_limit``."""
@@ -778,12 +886,19 @@ class DistillationTrainer:
         else:
             logger.warning("Checkpoint %s has no RNG state for process %d; noise streams restart.",
                            path, self.accelerator.process_index)
-        for name, record in state.get("trainables", {}).items():
-            if name in self.trainables:
-                self.trainables[name].resets = list(record.get("resets", []))
-                if record.get("frozen"):
-                    self.freeze_trainable(name)
         self.global_step = int(state["global_step"])
+        for name, record in state.get("trainables", {}).items():
+            t = self.trainables.get(name)
+            if t is None:
+                continue
+            t.resets = list(record.get("resets", []))
+            if t.resets:  # the schedule restarted at the last reset, sized for the steps left then
+                self._restart_schedule(t, self.config.max_train_steps - t.resets[-1], keep_step=True)
+            if t.ema is not None and "ema" in record:
+                t.ema.load_state_dict({**record["ema"], "shadow_params": t.ema.shadow_params})
+                t.ema.to(self.accelerator.device)
+            if record.get("frozen"):
+                self.freeze_trainable(name)
 
     def _resolve_resume(self) -> Path | None:
         spec = self.config.resume_from_checkpoint

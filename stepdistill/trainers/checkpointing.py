@@ -7,7 +7,8 @@ through a save / load hook (as diffusers' training examples do) into :func:`save
   sub-folder named by its module path (``generator/model/``, ``critic/denoiser/model/``): a diffusers folder
   that ``from_pretrained`` / ``--init_generator`` can read;
 * every other tensor of the module's ``state_dict`` (a GAN head, LoRA adapter weights of a shared-base
-  role, a custom module) goes into ``extra.safetensors``.
+  role, a custom module) goes into ``extra.safetensors``;
+* the trainable's EMA weights, when it keeps an EMA, the same way into ``<name>/ema/`` (``generator/ema/model/``).
 
 A shared-base LoRA role's ``state_dict`` holds only its adapter weights, so a LoRA checkpoint holds adapters,
 never merged copies of the base network. Loading reads the same files back into the existing module
@@ -27,6 +28,8 @@ from torch import nn
 CHECKPOINT_PREFIX = "checkpoint-"
 #: File with a module's tensors that do not belong to a diffusers model inside it.
 EXTRA_WEIGHTS = "extra.safetensors"
+#: Sub-folder of a trainable's checkpoint folder with its EMA weights (same layout).
+EMA_FOLDER = "ema"
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -126,6 +129,7 @@ class RNGState:
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "EMA_FOLDER",
     "EXTRA_WEIGHTS",
     "RNGState",
     "diffusers_submodules",

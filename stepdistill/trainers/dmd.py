@@ -23,6 +23,7 @@ forward hook (:class:`~stepdistill.networks.FakeScore`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,18 +31,15 @@ import torch
 from torch import nn
 
 from ..conditioning import Conditioning
-from ..denoiser import guided_denoise
 from ..losses import (
     REGRESSION_DISTANCES,
-    DenoisingScoreMatchingLoss,
     DistributionMatchingLoss,
-    GANDiscriminatorLoss,
+    FakeScoreLoss,
     GANGeneratorLoss,
     GANInputNoise,
     build_regression_distance,
 )
 from ..networks import FakeScore, build_gan_head
-from ..sampling import rollout
 from .base import DistillationTrainer, TrainerConfig
 
 
@@ -223,7 +221,9 @@ class DMDTrainer(DistillationTrainer):
         self.layout = self.make_layout(teacher, roles=("generator", "fake_score"))
         self.teacher = self.layout.teacher
         self.build_data(self.teacher.model)
-        init = self.load_init_network(cfg.init_generator, teacher.model) if cfg.init_generator else None
+        init = None
+        if cfg.init_generator:
+            init = self.load_init_network(cfg.init_generator, teacher.model, "generator", "init_generator")
         self.generator = self.layout.network("generator", init=init)
         fake = self.layout.network("fake_score")
         head = None
@@ -242,9 +242,9 @@ class DMDTrainer(DistillationTrainer):
                            activate=lambda: self.layout.activate("fake_score"))
         self.dm_loss = DistributionMatchingLoss(self.schedule, cfg.min_step_percent, cfg.max_step_percent,
                                                 self.guidance_scale)
-        self.dsm_loss = DenoisingScoreMatchingLoss(self.schedule)
         self.gan_inputs = GANInputNoise(self.schedule, cfg.gan_noisy_inputs)
-        self.gan_g_loss, self.gan_d_loss = GANGeneratorLoss(), GANDiscriminatorLoss()
+        self.critic_objective = FakeScoreLoss(self.schedule, self.gan_inputs if cfg.use_gan else None)
+        self.gan_g_loss = GANGeneratorLoss()
         self.regression_pairs = None
         if cfg.regression_loss_weight > 0:
             from .pairs import regression_pairs_for_training
@@ -262,26 +262,8 @@ class DMDTrainer(DistillationTrainer):
     # ----------------------------------------------------------------------------------------------
     # generator side
     def generator_inputs(self, cond: Conditioning) -> tuple[torch.Tensor, float]:
-        """The student's input ``(x_t, t)`` for this iteration (DMD2 Sec. 4.5).
-
-        One-step students get pure noise at ``student_timesteps[0]``. For k-step lists a step index
-        ``k`` is drawn from ``shared_rng`` (identical on every process, so all ranks run the same number
-        of forwards); with backward simulation the student itself runs steps ``0..k-1`` under
-        ``no_grad`` from pure noise, re-noising its x0 with fresh noise each time; without it, real
-        images are noised to ``t_k``.
-        """
-        device = self.accelerator.device
-        ts = self.student_timesteps
-        batch = cond.batch_size or self.config.train_batch_size
-        cond = cond.to(device)
-        x = torch.randn(batch, *self.sample_shape, generator=self.rng).to(device)
-        k = int(torch.randint(0, len(ts), (1,), generator=self.shared_rng)) if len(ts) > 1 else 0
-        if k > 0 and self.config.uses_backward_simulation:
-            x = rollout(self.generator, x, cond, ts, generator=self.rng, stop=ts[k])
-        elif k > 0:
-            _, real = self.data.sample(batch, self.rng)
-            x = self.schedule.add_noise(real.to(device), x, ts[k])
-        return x, ts[k]
+        """The generator's input ``(x_t, t)`` this iteration (:meth:`student_inputs` on its timesteps)."""
+        return self.student_inputs(self.generator, self.student_timesteps, cond, self.config.uses_backward_simulation)
 
     def generate(self, cond: Conditioning, grad: bool) -> torch.Tensor:
         """Student x0 samples for ``cond``; with ``grad`` the last step runs through the DDP-wrapped module."""
@@ -357,27 +339,13 @@ class DMDTrainer(DistillationTrainer):
         self, x: torch.Tensor, cond: Conditioning, real: torch.Tensor | None, real_cond: Conditioning | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Denoising score matching on detached generator samples (+ the discriminator loss), one forward."""
-        cfg, device = self.config, self.accelerator.device
-        x = x.detach().float()
-        b = x.shape[0]
-        noised = self.dsm_loss.noise(x, self.rng)
-        inputs, times, conds = [noised.x_t], [noised.t], [cond.to(device)]
-        if cfg.use_gan:
-            fake_gan, t_fake = self.gan_inputs(x, self.rng)
-            real_gan, t_real = self.gan_inputs(real.to(device), self.rng)
-            inputs += [fake_gan, real_gan]
-            times += [t_fake, t_real]
-            conds += [cond.to(device), real_cond.to(device)]
-        all_cond = Conditioning.cat(conds) if not conds[0].is_empty else None
-        _, _, model_output, logits = self.trainables["critic"].module(
-            torch.cat(inputs), torch.cat(times).to(device), all_cond
-        )
-        loss_dsm = self.dsm_loss(model_output[:b], noised.target).mean()
-        loss = loss_dsm
+        terms = self.critic_objective(self.trainables["critic"].module, x.to(self.accelerator.device), cond, real,
+                                      real_cond, generator=self.rng)
+        loss = loss_dsm = terms.score_matching.mean()
         parts = {"loss/fake_score": loss_dsm.detach()}
-        if cfg.use_gan:
-            loss_d = self.gan_d_loss(logits[b:2 * b], logits[2 * b:]).mean()
-            loss = loss + cfg.gan_critic_loss_weight * loss_d
+        if terms.discriminator is not None:
+            loss_d = terms.discriminator.mean()
+            loss = loss + self.config.gan_critic_loss_weight * loss_d
             parts["loss/gan_critic"] = loss_d.detach()
         return loss, parts
 
@@ -454,39 +422,21 @@ class DMDTrainer(DistillationTrainer):
         """Write the student as a pipeline folder with an ``LCMScheduler`` holding the trained timesteps."""
         return self.export_student(self.student_network(), folder, self.student_timesteps, self.student_metadata())
 
-    def sample_student_images(self, cond: Conditioning, seeds) -> torch.Tensor:
+    def sample_student_images(self, cond: Conditioning, seeds: Sequence[int]) -> torch.Tensor:
         """Student samples for ``cond``, one seeded generator per sample (EMA weights if on)."""
         return self.sample_images("generator", self.student_timesteps, cond, seeds)
 
-    #: Noise levels (fractions of T) of the real / fake x0 rows in the sample grid.
-    GRID_NOISE_LEVELS = (0.25, 0.5, 0.75)
-
-    @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
         """Write the DMD diagnostic grid.
 
-        Row 1: the generator's samples. Then, for each noise level in :attr:`GRID_NOISE_LEVELS`, the
-        teacher's (real, with CFG) and the fake score's x0 predictions from those samples noised to that
-        level; where real and fake rows differ is what the DM gradient pushes on. Latent teachers are
-        decoded with their VAE (no grid without one).
+        Row 1: the generator's samples. Then, at 0.25 / 0.5 / 0.75 T, the teacher's (real, with CFG) and the fake
+        score's x0 predictions from those samples noised to that level; where real and fake rows differ is what
+        the DM gradient pushes on. Latent teachers are decoded with their VAE (no grid without one).
         """
-        from ..data.digits import make_grid_image
-
-        n = self.config.sample_grid_size
-        cond = self.data.grid_conditioning(n)
-        x = self.sample_student_images(cond, range(n))
-        device = self.accelerator.device
-        c = cond.to(device)
-        rows = [x]
-        for level in self.GRID_NOISE_LEVELS:
-            t = torch.full((n,), float(int(self.schedule.max_timestep * level)), dtype=torch.float64)
-            eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-            x_t = self.schedule.add_noise(x, eps, t).to(device)
-            rows.append(guided_denoise(self.teacher, x_t, t, c, self.guidance_scale).x0.float().cpu())
-            rows.append(self.unwrap("critic").denoiser(x_t, t, c).x0.float().cpu())
-        pixels = self.grid_pixels(torch.cat(rows))
-        if pixels is not None:
-            make_grid_image(pixels, nrow=n, scale=4 if pixels.shape[-1] <= 64 else 1).save(path)
+        cond = self.data.grid_conditioning(self.config.sample_grid_size)
+        x = self.sample_student_images(cond, range(self.config.sample_grid_size))
+        scores = [(self.teacher, self.guidance_scale), (self.unwrap("critic").denoiser, None)]
+        self.write_grid([x, *self.score_rows(x, cond, scores)], path)
 
     def evaluate(self) -> dict[str, float]:
         """Digits only: class accuracy and FID (digits-classifier features vs the held-out split)."""

@@ -54,7 +54,7 @@ COND_CHUNK = 256
 VERIFY_TOLERANCE = 0.1
 
 _COND_FIELDS = ("class_labels", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
-_FIX = "regenerate the file with `python training_scripts/generate_pairs.py --config <your recipe> --output PATH`"
+_FIX = "regenerate the file with `stepdistill pairs --config <your recipe> --output PATH`"
 
 
 class PairsFileError(ValueError):
@@ -67,7 +67,7 @@ def pair_noise_seed(seed: int, index: int) -> int:
 
 
 def default_pairs_seed(train_seed: int) -> int:
-    """The pair-set seed a trainer with ``seed = train_seed`` uses (``generate_pairs.py`` uses the same)."""
+    """The pair-set seed a trainer with ``seed = train_seed`` uses (``stepdistill pairs`` uses the same)."""
     return int(train_seed) + 4242
 
 
@@ -289,9 +289,8 @@ def read_pairs_metadata(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise PairsFileError(f"No pairs file at {str(path)!r}: make it with `python training_scripts/"
-                             "generate_pairs.py --config <your recipe> --output PATH` (or unset regression_pairs "
-                             "to generate pairs in memory at start).")
+        raise PairsFileError(f"No pairs file at {str(path)!r}: make it with `stepdistill pairs --config <your "
+                             "recipe> --output PATH` (or unset regression_pairs to generate pairs in memory at start).")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

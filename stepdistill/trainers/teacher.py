@@ -46,14 +46,15 @@ def infer_sample_shape(network: nn.Module, override: list[int] | None = None) ->
     return int(channels), int(h), int(w)
 
 
-def load_init_network(path: str | Path, like: nn.Module, what: str = "init_generator") -> nn.Module:
+def load_init_network(path: str | Path, like: nn.Module, role: str, what: str) -> nn.Module:
     """A trainable fp32 network from a model / pipeline / student / checkpoint folder, checked against ``like``.
 
-    Looks in ``path``, ``path/student`` (a run folder) and ``path/generator/model`` (a checkpoint). The
-    network must have ``like``'s class and config (the teacher's architecture).
+    Looks in ``path``, ``path/student`` (a run folder), then, in a checkpoint, trainable ``role``'s EMA weights
+    (``path/<role>/ema/model``) and raw weights (``path/<role>/model``). The network must have ``like``'s class
+    and config (the teacher's architecture); ``what`` names the setting in errors.
     """
     path = Path(path)
-    for candidate in (path, path / "student", path / "generator" / "model"):
+    for candidate in (path, path / "student", path / role / "ema" / "model", path / role / "model"):
         try:
             folder, _ = resolve_model_folder(candidate)
         except ValueError:
@@ -67,8 +68,8 @@ def load_init_network(path: str | Path, like: nn.Module, what: str = "init_gener
             )
         return net.float().train().requires_grad_(True)
     raise ValueError(
-        f"{what} {str(path)!r} holds no diffusers network (looked in it, student/ and generator/model/). Pass an "
-        "exported student folder, a run folder or a checkpoint folder."
+        f"{what} {str(path)!r} holds no diffusers network (looked in it, student/, {role}/ema/model/ and "
+        f"{role}/model/). Pass an exported student folder, a run folder or a checkpoint folder."
     )
 
 
