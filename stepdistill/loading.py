@@ -88,9 +88,132 @@ def resolve_model_folder(path: str | Path) -> tuple[Path, Path | None]:
     )
 
 
+#: Libraries whose classes a pipeline folder's ``model_index.json`` may name (and diffusers' pipeline sub-packages,
+#: e.g. ``["stable_diffusion", "StableDiffusionSafetyChecker"]``).
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
+
+
+def component_class(folder: str | Path, name: str, spec: object) -> type | None:
+    """The class component ``name`` of a pipeline folder names, if it is diffusers' or transformers' own.
+
+    ``spec`` is the ``[library, class]`` entry of ``model_index.json``; ``[null, null]`` (an absent component)
+    gives ``None``. Nothing is imported that the file names: only attributes of the already-known libraries.
+
+    Raises:
+        ModelFolderError: naming the component, for any other library or class.
+    """
+    import diffusers
+    import transformers
+
+    if not (isinstance(spec, (list, tuple)) and len(spec) == 2):
+        raise ModelFolderError(
+            f"{str(folder)!r}: component {name!r} in model_index.json is {spec!r}, not [library, class]."
+        )
+    library, class_name = spec
+    if library is None and class_name is None:
+        return None
+    module = {"diffusers": diffusers, "transformers": transformers}.get(str(library))
+    if module is None and isinstance(library, str) and library.isidentifier() and not library.startswith("_"):
+        module = getattr(diffusers.pipelines, library, None)  # a diffusers pipeline sub-package (lazy, diffusers' own)
+    cls = None
+    if module is not None and isinstance(class_name, str) and not class_name.startswith("_"):
+        cls = getattr(module, class_name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise ModelFolderError(
+            f"{str(folder)!r}: component {name!r} is {library}.{class_name}, which is not a class of "
+            f"{' / '.join(COMPONENT_LIBRARIES)}; stepdistill loads no other code named by a file (for a pipeline "
+            "with custom components, load it yourself with code you trust and pass the object)."
+        )
+    return cls
+
+
+def check_pipeline_index(folder: str | Path) -> dict:
+    """Read a pipeline folder's ``model_index.json`` and refuse any class it names outside diffusers / transformers.
+
+    The pipeline class (``_class_name``) must be a diffusers pipeline or one of stepdistill's own; every component
+    a diffusers / transformers class (:func:`component_class`).
+
+    Returns:
+        The parsed ``model_index.json``.
+
+    Raises:
+        ModelFolderError: for a missing or damaged file, or a class from anywhere else (the error names it).
+    """
+    import diffusers
+
+    from . import pipelines as own
+
+    root = model_folder(folder)
+    path = root / "model_index.json"
+    if not path.is_file():
+        raise ModelFolderError(f"{str(root)!r} is not a diffusers pipeline folder (no model_index.json).")
+    index = _read_json(path)
+    if not isinstance(index, dict):
+        raise ModelFolderError(f"{path} is not a JSON object; the folder looks damaged.")
+    name = index.get("_class_name")
+    cls = getattr(own, name, None) if isinstance(name, str) and not name.startswith("_") else None
+    if cls is None and isinstance(name, str) and not name.startswith("_"):
+        cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise ModelFolderError(
+            f"{path}: _class_name {name!r} is not a diffusers or stepdistill pipeline class; stepdistill loads no "
+            "other code named by a file (custom pipelines need code you trust: load it yourself)."
+        )
+    for key, value in index.items():  # components are [library, class] pairs; other lists are config values
+        pair = isinstance(value, (list, tuple)) and len(value) == 2
+        if not key.startswith("_") and pair and all(v is None or isinstance(v, str) for v in value):
+            component_class(root, key, value)
+    return index
+
+
+def pipeline_class(index: dict) -> type:
+    """The pipeline class a checked ``model_index.json`` (:func:`check_pipeline_index`) names."""
+    import diffusers
+
+    from . import pipelines as own
+
+    return getattr(own, index["_class_name"], None) or getattr(diffusers, index["_class_name"])
+
+
+def damaged_folder_error(folder: str | Path, err: BaseException) -> ModelFolderError:
+    """A one-line :class:`ModelFolderError` for a folder whose files fail to load (truncated / half-written)."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return ModelFolderError(
+        f"Cannot load {str(folder)!r}: {reason} The folder looks incomplete or damaged (an interrupted copy or "
+        "export?): write it again, or point to a complete folder."
+    )
+
+
+#: What diffusers / safetensors raise for a folder with missing, truncated or corrupt files.
+LOAD_ERRORS = (OSError, ValueError, EOFError)
+
+
+def load_pipeline_folder(path: str | Path, cls: type | None = None, **kwargs) -> object:
+    """Load a local pipeline folder after :func:`check_pipeline_index` (no hub, no code named by a file).
+
+    Args:
+        path: The folder (or a :data:`MODEL_ALIASES` name).
+        cls: Pipeline class to load with (default: the one ``model_index.json`` names).
+        **kwargs: More ``from_pretrained`` arguments (``torch_dtype``, replacement components, ...).
+
+    Raises:
+        ModelFolderError: for a folder that is not a pipeline, names foreign classes, or is damaged.
+    """
+    from safetensors import SafetensorError
+
+    root = model_folder(path)
+    index = check_pipeline_index(root)
+    cls = cls or pipeline_class(index)
+    try:
+        return cls.from_pretrained(str(root), local_files_only=True, **kwargs)
+    except (*LOAD_ERRORS, SafetensorError) as err:
+        raise damaged_folder_error(root, err) from err
+
+
 def load_network(folder: str | Path, torch_dtype: torch.dtype | None = None):
     """Load the diffusers model saved in ``folder`` (its class is read from ``config.json``)."""
     import diffusers
+    from safetensors import SafetensorError
 
     folder = Path(folder)
     config = _read_json(folder / "config.json")
@@ -107,7 +230,10 @@ def load_network(folder: str | Path, torch_dtype: torch.dtype | None = None):
             "Denoiser.from_model(module, schedule)."
         )
     cls = getattr(diffusers, class_name)
-    return cls.from_pretrained(folder, torch_dtype=torch_dtype)
+    try:
+        return cls.from_pretrained(folder, torch_dtype=torch_dtype)
+    except (*LOAD_ERRORS, SafetensorError) as err:
+        raise damaged_folder_error(folder, err) from err
 
 
 def load_schedule(folder: str | Path, prediction_type: str | None = None) -> NoiseSchedule:

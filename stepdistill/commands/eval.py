@@ -23,17 +23,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..evaluation.evaluate import MATCH_REFERENCE, evaluate_folder, evaluate_pipeline, make_reference
+from ..evaluation.evaluate import (
+    MATCH_REFERENCE,
+    evaluate_folder,
+    evaluate_pipeline,
+    make_reference,
+    resolve_extractor,
+)
 from ..evaluation.features import FeatureExtractorError, build_feature_extractor
 from ..evaluation.io import ImageInputError
 from ..evaluation.metrics import MetricsResult, MetricUndefinedError
 from ..evaluation.sources import PipelineCallError, is_main_process, load_pipeline
-from ..evaluation.stats import ReferenceStats, StatsFileError, StatsMismatchError, write_json
+from ..evaluation.stats import (
+    ReferenceStats,
+    StatsFileError,
+    StatsMismatchError,
+    UnverifiedStatsWarning,
+    write_json,
+)
 from ..loading import ModelFolderError
 from .common import int_list, number_list, user_errors
 
@@ -99,7 +112,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     what.add_argument("--images", help="Folder of generated images (recursive).")
     what.add_argument("--pipeline", help="A diffusers pipeline folder to sample here (stepdistill or stock).")
     calc.add_argument("--out", default=None, help="Write the metrics as JSON here.")
-    calc.add_argument("--features", default=None, help="Feature extractor (default: the one recorded in --ref).")
+    calc.add_argument(
+        "--features",
+        default=None,
+        help="Feature extractor (default: the one recorded in --ref; a custom one is never imported from the file).",
+    )
+    calc.add_argument(
+        "--ref_extractor",
+        choices=["inception"],
+        default=None,
+        help="--ref is a clean-fid statistics file (mu/sigma, no extractor identity) made with clean-fid's Inception "
+        "('clean' mode): use it for FID only, on your word (a warning says it cannot be verified).",
+    )
     calc.add_argument("--num_samples", type=int, default=None, help="Images to sample (default: see --seeds).")
     calc.add_argument(
         "--seeds",
@@ -224,11 +248,19 @@ def run_ref(args: argparse.Namespace) -> int:
 def run_calc(args: argparse.Namespace) -> int:
     """``calc``: metrics of a folder or a sampled pipeline against reference statistics."""
     state, device = _state(args)
-    ref = ReferenceStats.load(args.ref)
-    spec = args.features or ref.extractor_spec
-    if not spec:
-        raise FeatureExtractorError(f"{args.ref} does not record how to rebuild its extractor; pass --features.")
-    extractor = build_feature_extractor(spec, device, inception_weights=args.inception_weights, download=args.download)
+    assumed = None
+    if args.ref_extractor is not None:
+        if args.features:
+            raise FeatureExtractorError("--ref_extractor already names the extractor; drop --features.")
+        assumed = build_feature_extractor(args.ref_extractor, device, args.inception_weights, args.download)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnverifiedStatsWarning)
+        ref = ReferenceStats.load(args.ref, assume_extractor=assumed)
+    for warning in caught:
+        print(f"{getattr(args, 'prog', PROG)} calc: warning: {warning.message}", file=sys.stderr)
+    # --features is the caller's choice (it may import a module); without it only a built-in extractor is rebuilt
+    features = assumed or args.features or None
+    extractor = resolve_extractor(ref, features, device, args.inception_weights, args.download)
     common = dict(
         extractor=extractor,
         accelerator=state,
@@ -283,9 +315,11 @@ def run_calc(args: argparse.Namespace) -> int:
 
 def _report(result: MetricsResult, ref: ReferenceStats, what: dict, args: argparse.Namespace) -> None:
     flat = result.to_dict()
-    rows = [(k, v) for k, v in flat.items() if k != "per_class"]
-    rows.insert(0, ("reference", f"{ref.source} ({ref.n} images)"))
+    rows = [(k, "n/a" if v is None else v) for k, v in flat.items() if k not in ("per_class", "not_computed")]
+    rows.insert(0, ("reference", f"{ref.source} ({ref.n if ref.n is not None else 'unknown number of'} images)"))
     print(format_table(rows))
+    for metric, why in flat.get("not_computed", {}).items():
+        print(f"{metric}: not computed: {why}")
     if result.per_class:
         for label, values in result.per_class.items():
             print(
@@ -312,6 +346,7 @@ def _report(result: MetricsResult, ref: ReferenceStats, what: dict, args: argpar
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Entry point of ``stepdistill eval``; user errors print one line and exit with status 1."""
     args = build_parser(prog).parse_args(argv)
+    args.prog = prog
     with user_errors(f"{prog} {args.command}", USER_ERRORS):
         return run_ref(args) if args.command == "ref" else run_calc(args)
 

@@ -48,7 +48,7 @@ import torch
 from ..configs import parse_configs
 from ..control import LoraCompatibilityError, LoraFolderError
 from ..evaluation.sources import PipelineCallError
-from ..loading import ModelFolderError, model_folder
+from ..loading import ModelFolderError, load_pipeline_folder, model_folder
 from .common import float_list, int_list, number, number_list, user_errors
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def load_hybrid_pipeline(args: argparse.Namespace) -> HybridDiversityPipeline:
         folder = Path(args.pipeline)
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(f"--pipeline {str(folder)!r} is not a pipeline folder (no model_index.json).")
-        pipe = HybridDiversityPipeline.from_pretrained(str(folder), local_files_only=True)
+        pipe = load_pipeline_folder(folder, HybridDiversityPipeline)
         if args.student_timesteps is not None:
             pipe.register_to_config(default_timesteps=list(args.student_timesteps))
     else:

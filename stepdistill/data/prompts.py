@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..conditioning import Conditioning
+from ..loading import COMPONENT_LIBRARIES, ModelFolderError, component_class
 from .datasets import PROMPT_COLUMNS, DataSourceError, open_dataset, pick_column
 
 
@@ -43,24 +44,17 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
 
 
 #: Libraries whose classes a pipeline folder's ``model_index.json`` may name for its text components.
-KNOWN_LIBRARIES = ("transformers", "diffusers")
+KNOWN_LIBRARIES = COMPONENT_LIBRARIES
 
 
 def _load_component(folder: Path, name: str, spec: Sequence[str | None], dtype: torch.dtype | None):
     """Load text component ``name`` of a pipeline folder; only diffusers' / transformers' own classes."""
-    import diffusers
-    import transformers
-
-    library, class_name = spec
-    if library is None or class_name is None:
+    try:
+        cls = component_class(folder, name, spec)
+    except ModelFolderError as err:
+        raise DataSourceError(str(err)) from None
+    if cls is None:
         return None
-    module = {"transformers": transformers, "diffusers": diffusers}.get(library)
-    cls = getattr(module, str(class_name), None) if module is not None else None
-    if not isinstance(cls, type):
-        raise DataSourceError(
-            f"{str(folder)!r}: component {name!r} is {library}.{class_name}, which is not a class of "
-            f"{' / '.join(KNOWN_LIBRARIES)}; stepdistill loads no other code named by a file."
-        )
     kwargs = {"torch_dtype": dtype} if dtype is not None and issubclass(cls, nn.Module) else {}
     return cls.from_pretrained(folder / name, **kwargs)
 

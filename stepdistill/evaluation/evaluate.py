@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .features import FeatureExtractor, FeatureExtractorError, build_feature_extractor, extract_features
+from .features import (
+    FeatureExtractor,
+    FeatureExtractorError,
+    build_feature_extractor,
+    builtin_feature_extractor,
+    extract_features,
+)
 from .io import ImageInputError
 from .metrics import MetricsResult, check_fid_defined, compute_metrics
 from .sources import (
@@ -74,8 +80,11 @@ def resolve_extractor(
 ) -> FeatureExtractor:
     """The extractor to evaluate against ``ref``: the given one (object or spec) or the reference's own.
 
+    The reference's own is rebuilt only when it is built in (inception, digits): a custom extractor named in
+    the file is never imported; the caller passes it (an object, or a spec the caller chose).
+
     Raises:
-        FeatureExtractorError: when none is given and the reference's spec cannot be rebuilt.
+        FeatureExtractorError: when none is given and the reference's extractor cannot be rebuilt.
         StatsMismatchError: when it is not the extractor that made ``ref``.
     """
     if extractor is None:
@@ -84,8 +93,11 @@ def resolve_extractor(
                 f"The reference statistics do not say how to rebuild their extractor {ref.extractor!r}; pass it "
                 "(CLI: --features)."
             )
-        extractor = ref.extractor_spec
-    if isinstance(extractor, str):
+        extractor = builtin_feature_extractor(
+            ref.extractor_spec, device, inception_weights, download,
+            source=f"The reference statistics ({ref.source or 'unknown source'})",
+        )  # fmt: skip
+    elif isinstance(extractor, str):
         extractor = build_feature_extractor(extractor, device, inception_weights=inception_weights, download=download)
     ref.check_extractor(extractor)
     return extractor
@@ -300,6 +312,8 @@ def evaluate_pipeline(
             num_samples = len(class_labels)
         elif prompts is not None:
             num_samples = len(prompts)
+        elif ref.n is None:
+            raise PipelineCallError("The reference holds no image count (mu/sigma only): pass num_samples or seeds.")
         else:
             num_samples = ref.n
     seeds = list(range(num_samples)) if seeds is None else list(seeds)

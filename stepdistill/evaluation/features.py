@@ -432,13 +432,64 @@ class CallableFeatures(FeatureExtractor):
 
 
 # ---------------------------------------------------------------------------------------------------
+#: Extractors that can be rebuilt from the spec a statistics file stores: stepdistill's own classes, no import.
+BUILTIN_EXTRACTORS = ("inception", "digits")
+
+
+def builtin_feature_extractor(
+    spec: str,
+    device: torch.device | str = "cpu",
+    inception_weights: str | Path | None = None,
+    download: bool = False,
+    source: str = "the reference statistics",
+) -> FeatureExtractor:
+    """Rebuild a built-in extractor from a spec read in a file; never imports or builds anything the file names.
+
+    Only :data:`BUILTIN_EXTRACTORS` are rebuilt: ``digits`` / ``digits:PATH`` load weights (safetensors) into
+    stepdistill's own classifier class; ``inception`` loads clean-fid's Inception from ``inception_weights`` or
+    clean-fid's default location -- a path recorded in the file is only named in the error, never loaded, since
+    the TorchScript file is a program. The caller checks the result's identity against the file's
+    (:meth:`~stepdistill.evaluation.stats.ReferenceStats.check_extractor`).
+
+    Args:
+        spec: The spec stored in the file (``ReferenceStats.extractor_spec``).
+        device: Device to run on.
+        inception_weights: Inception weights chosen by the caller.
+        download: Allow clean-fid to download the Inception weights when they are missing.
+        source: What the spec was read from, for error messages.
+
+    Raises:
+        FeatureExtractorError: for a custom extractor (it must be passed by the caller) or missing weights.
+    """
+    kind, _, arg = str(spec).partition(":")
+    if kind == "digits":
+        return DigitsClassifierFeatures.from_pretrained(arg or None, device=device)
+    if kind == "inception":
+        try:
+            return InceptionFeatures(inception_weights, download=download, device=device)
+        except FeatureExtractorError as err:
+            if not arg or inception_weights is not None:
+                raise
+            raise FeatureExtractorError(
+                f"{source} were made with clean-fid's Inception from {arg!r}; stepdistill does not load a network "
+                f"from a path a data file names: pass --inception_weights {arg} (Python: the extractor itself)."
+            ) from err
+    raise FeatureExtractorError(
+        f"{source} name a custom feature extractor in their field `extractor_spec` ({spec!r}); stepdistill never "
+        "imports code named by a data file. Pass the extractor yourself: --features MODULE:ATTR on the command line "
+        "or extractor=<object> in Python (its identity is checked against the file's)."
+    )
+
+
 def build_feature_extractor(
     spec: str,
     device: torch.device | str = "cpu",
     inception_weights: str | Path | None = None,
     download: bool = False,
 ) -> FeatureExtractor:
-    """Build an extractor from a short string (what the command line and reference statistics store).
+    """Build an extractor from a short string the CALLER chose (the command line's ``--features``).
+
+    Specs read from files go through :func:`builtin_feature_extractor` instead, which imports nothing.
 
     Args:
         spec: ``"inception"`` or ``"inception:PATH"`` (clean-fid Inception); ``"digits"`` (the shipped
@@ -455,8 +506,8 @@ def build_feature_extractor(
     kind, _, arg = spec.partition(":")
     if kind == "inception":
         return InceptionFeatures(inception_weights or (arg or None), download=download, device=device)
-    if kind == "digits":
-        return DigitsClassifierFeatures.from_pretrained(arg or None, device=device)
+    if kind in BUILTIN_EXTRACTORS:
+        return builtin_feature_extractor(spec, device, inception_weights, download)
     if not arg:
         raise FeatureExtractorError(
             f"Unknown feature extractor {spec!r}: use 'inception', 'inception:PATH', 'digits', 'digits:PATH' "
@@ -500,6 +551,7 @@ def extract_features(
 
 
 __all__ = [
+    "BUILTIN_EXTRACTORS",
     "INCEPTION_FILENAME",
     "CallableFeatures",
     "DigitsClassifierFeatures",
@@ -507,6 +559,7 @@ __all__ = [
     "FeatureExtractorError",
     "InceptionFeatures",
     "build_feature_extractor",
+    "builtin_feature_extractor",
     "default_inception_dir",
     "extract_features",
 ]

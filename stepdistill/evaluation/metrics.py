@@ -27,6 +27,13 @@ class MetricUndefinedError(ValueError):
     """A metric is not defined for the given features (too few samples, mismatched dimensions, ...)."""
 
 
+#: Why KID and precision / recall are missing against statistics that hold only ``mu`` / ``sigma`` (clean-fid).
+REFERENCE_FEATURES_NEEDED = (
+    "need the reference's features, and the reference holds only mu/sigma (a clean-fid FID statistics file): "
+    "make the reference with `stepdistill eval ref` for KID and precision / recall."
+)
+
+
 def _as_features(feats: np.ndarray, what: str = "features") -> np.ndarray:
     arr = np.asarray(feats, dtype=np.float64)
     if arr.ndim != 2:
@@ -275,13 +282,13 @@ class MetricsResult:
 
     Args:
         fid: Frechet distance.
-        kid: Kernel distance (unbiased; x1e3 is common in papers).
-        precision: k-NN precision (fidelity).
-        recall: k-NN recall (coverage).
+        kid: Kernel distance (unbiased; x1e3 is common in papers); ``None`` against mu/sigma-only statistics.
+        precision: k-NN precision (fidelity); ``None`` likewise.
+        recall: k-NN recall (coverage); ``None`` likewise.
         pairwise_cosine_distance: Mean pairwise cosine distance within each condition, averaged.
         vendi: Vendi score (cosine kernel) within each condition, averaged.
         num_generated: Generated samples.
-        num_reference: Reference samples.
+        num_reference: Reference samples (``None`` when unknown: mu/sigma-only statistics).
         extractor: Feature extractor identity.
         k: Neighbourhood size of precision / recall.
         diversity_groups: Conditions the diversity was averaged over.
@@ -290,13 +297,13 @@ class MetricsResult:
     """
 
     fid: float
-    kid: float
-    precision: float
-    recall: float
+    kid: float | None
+    precision: float | None
+    recall: float | None
     pairwise_cosine_distance: float
     vendi: float
     num_generated: int
-    num_reference: int
+    num_reference: int | None
     extractor: str
     k: int = 3
     diversity_groups: int = 1
@@ -371,14 +378,22 @@ def compute_metrics(
             f"(made with {ref.extractor}); use the same feature extractor on both sides."
         )
     check_fid_defined(gen.shape[0], gen.shape[1], "the generated samples")
-    check_fid_defined(ref.n, ref.dim, f"the reference statistics ({ref.source})")
+    if ref.features is not None:
+        check_fid_defined(ref.n, ref.dim, f"the reference statistics ({ref.source})")
     mu, sigma = feature_statistics(gen)
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
-    kid = kernel_inception_distance(gen, ref.features, kid_subsets, kid_subset_size, seed)
-    precision, recall = precision_recall(ref.features, gen, k=k)
+    extra: dict = {}
+    if ref.features is None:  # clean-fid mu / sigma: FID only
+        kid = precision = recall = None
+        extra["not_computed"] = {m: REFERENCE_FEATURES_NEEDED for m in ("kid", "precision", "recall")}
+    else:
+        kid = kernel_inception_distance(gen, ref.features, kid_subsets, kid_subset_size, seed)
+        precision, recall = precision_recall(ref.features, gen, k=k)
     div = diversity(gen, labels)
     classes: dict = {}
     if per_class:
+        if ref.features is None:
+            raise MetricUndefinedError(f"Per-class metrics {REFERENCE_FEATURES_NEEDED}")
         classes = _per_class_metrics(gen, ref, labels, k, kid_subsets, kid_subset_size, seed, div["per_group"])
     return MetricsResult(
         fid=fid,
@@ -393,6 +408,7 @@ def compute_metrics(
         k=k,
         diversity_groups=div["groups"],
         per_class=classes,
+        extra=extra,
     )
 
 

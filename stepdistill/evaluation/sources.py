@@ -11,7 +11,6 @@ Pipelines are sampled with one ``torch.Generator`` per image (``seeds[k]`` for i
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -251,10 +250,9 @@ def load_pipeline(
 
     Raises:
         PipelineCallError: when the folder is not a pipeline folder.
+        ModelFolderError: when it names classes outside diffusers / transformers / stepdistill, or is damaged.
     """
-    import diffusers
-
-    from ..loading import model_folder
+    from ..loading import load_pipeline_folder, model_folder
 
     root = model_folder(path)
     index = root / "model_index.json"
@@ -263,17 +261,8 @@ def load_pipeline(
             f"{str(root)!r} is not a diffusers pipeline folder (no model_index.json). Save pipelines with "
             "`pipeline.save_pretrained(folder)`; for a folder of images use --images."
         )
-    class_name = json.loads(index.read_text()).get("_class_name", "")
-    cls = diffusers.DiffusionPipeline
-    if not hasattr(diffusers, class_name):
-        try:
-            from .. import pipelines as sd_pipelines
-
-            cls = getattr(sd_pipelines, class_name, cls)
-        except ImportError:
-            pass
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    pipe = cls.from_pretrained(str(root), local_files_only=True, **kwargs)
+    pipe = load_pipeline_folder(root, **kwargs)  # only diffusers / transformers / stepdistill classes
     if device is not None:
         pipe = pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):

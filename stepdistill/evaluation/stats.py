@@ -13,14 +13,17 @@ The file is a plain numpy archive (no pickles), readable without stepdistill:
 ``meta``                  JSON: format version, extractor description, anything else
 ========================  ===============================================================
 
-Comparing statistics with features of another extractor is an error, never a silent number.
+Comparing statistics with features of another extractor is an error, never a silent number. Nothing in the
+file selects code: ``extractor_spec`` rebuilds only the built-in extractors (inception, digits); a custom one is
+passed by the caller and checked against ``extractor``. clean-fid's own files (``mu`` / ``sigma``, no identity)
+load only with an extractor the caller vouches for (``assume_extractor``; CLI ``--ref_extractor inception``), with a
+warning, and serve FID only.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,23 +42,19 @@ class StatsFileError(ValueError):
     """A statistics file is missing, damaged, or not stepdistill's format."""
 
 
+class UnverifiedStatsWarning(UserWarning):
+    """Statistics without an extractor identity (clean-fid's files) are used on the caller's word."""
+
+
 def _extractor_name(extractor: object) -> str:
     return extractor if isinstance(extractor, str) else str(extractor.name)
 
 
 def write_atomic(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file to ``path``: a failure leaves no file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Call ``write(tmp_path)`` then rename the temporary file to ``path`` (durably; see ``atomic_write_file``)."""
+    from ..utils import atomic_write_file
+
+    return atomic_write_file(path, lambda tmp: write(str(tmp)))
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
@@ -74,7 +73,7 @@ class ReferenceStats:
     Args:
         mu: Feature mean ``[D]``.
         sigma: Feature covariance ``[D, D]``.
-        features: Raw features ``[N, D]``.
+        features: Raw features ``[N, D]``; ``None`` for clean-fid ``mu`` / ``sigma`` files (FID only).
         extractor: Identity of the extractor (``FeatureExtractor.name``).
         extractor_spec: Spec to rebuild the extractor (``FeatureExtractor.spec``).
         source: What the images were (folder path, dataset, ``digits:heldout``).
@@ -89,7 +88,7 @@ class ReferenceStats:
 
     mu: np.ndarray
     sigma: np.ndarray
-    features: np.ndarray
+    features: np.ndarray | None
     extractor: str
     extractor_spec: str = ""
     source: str = ""
@@ -97,9 +96,9 @@ class ReferenceStats:
     meta: dict = field(default_factory=dict)
 
     @property
-    def n(self) -> int:
-        """Number of reference images."""
-        return int(self.features.shape[0])
+    def n(self) -> int | None:
+        """Number of reference images (``None`` when only ``mu`` / ``sigma`` are known)."""
+        return None if self.features is None else int(self.features.shape[0])
 
     @property
     def dim(self) -> int:
@@ -143,18 +142,19 @@ class ReferenceStats:
     def save(self, path: str | Path) -> Path:
         """Write the ``.npz`` atomically (a failure leaves no partial file)."""
         feats = self.features
-        if np.array_equal(feats.astype(np.float32).astype(np.float64), feats):
+        if feats is not None and np.array_equal(feats.astype(np.float32).astype(np.float64), feats):
             feats = feats.astype(np.float32)  # network features are float32: store them losslessly and smaller
         arrays = {
             "format": np.array(FORMAT),
             "mu": np.asarray(self.mu, np.float64),
             "sigma": np.asarray(self.sigma, np.float64),
-            "feats": feats,
             "extractor": np.array(self.extractor),
             "extractor_spec": np.array(self.extractor_spec),
             "source": np.array(self.source),
             "meta": np.array(json.dumps(self.meta, default=str)),
         }
+        if feats is not None:
+            arrays["feats"] = feats
         if self.labels is not None:
             arrays["labels"] = np.asarray(self.labels)
 
@@ -165,12 +165,22 @@ class ReferenceStats:
         return write_atomic(path, write)
 
     @classmethod
-    def load(cls, path: str | Path, extractor: object | None = None) -> ReferenceStats:
+    def load(
+        cls, path: str | Path, extractor: object | None = None, assume_extractor: object | None = None
+    ) -> ReferenceStats:
         """Read statistics written by :meth:`save`; with ``extractor``, check it made them.
 
+        Args:
+            path: The ``.npz`` file.
+            extractor: Check that this extractor (object or name) made the statistics.
+            assume_extractor: For a file without an extractor identity (clean-fid's ``mu`` / ``sigma`` FID files,
+                or its ``_kid.npz`` ``feats``): the extractor the caller vouches made it (CLI ``--ref_extractor
+                inception``). It is taken on trust with an :class:`UnverifiedStatsWarning`; without it such a file is
+                refused. Ignored for stepdistill files (their identity is checked instead).
+
         Raises:
-            StatsFileError: for a missing or damaged file, or a file without an extractor identity
-                (e.g. a clean-fid statistics file, whose network stepdistill cannot verify).
+            StatsFileError: for a missing or damaged file, or a file without an extractor identity and no
+                ``assume_extractor``.
             StatsMismatchError: when ``extractor`` is given and differs.
         """
         path = Path(path)
@@ -183,28 +193,78 @@ class ReferenceStats:
                 arrays = {key: data[key] for key in data.files}
         except Exception as err:  # noqa: BLE001 -- zip, pickle and value errors all mean "not a stats file"
             raise StatsFileError(f"Cannot read reference statistics {str(path)!r}: {err}.") from err
-        missing = [k for k in ("mu", "sigma", "feats", "extractor") if k not in arrays]
+        if "extractor" not in arrays:
+            return cls._load_unverified(path, arrays, assume_extractor)
+        missing = [k for k in ("mu", "sigma") if k not in arrays]
         if missing:
-            raise StatsFileError(
-                f"{str(path)!r} lacks {missing}: it is not a stepdistill reference statistics file (clean-fid files "
-                "hold mu/sigma without the extractor's identity, so a mismatch could not be detected). Make the "
-                "reference with `stepdistill eval ref`."
-            )
+            raise StatsFileError(f"{str(path)!r} lacks {missing}: it is damaged; make it with `stepdistill eval ref`.")
         stats = cls(
             mu=arrays["mu"].astype(np.float64),
             sigma=arrays["sigma"].astype(np.float64),
-            features=arrays["feats"].astype(np.float64),
+            features=arrays["feats"].astype(np.float64) if "feats" in arrays else None,
             extractor=str(arrays["extractor"]),
             extractor_spec=str(arrays.get("extractor_spec", "")),
             source=str(arrays.get("source", "")),
             labels=arrays.get("labels"),
             meta=json.loads(str(arrays["meta"])) if "meta" in arrays else {},
         )
-        if stats.features.ndim != 2 or stats.mu.shape != (stats.features.shape[1],):
-            raise StatsFileError(f"{str(path)!r} is inconsistent: feats {stats.features.shape}, mu {stats.mu.shape}.")
+        stats._check_shapes(path)
         if extractor is not None:
             stats.check_extractor(extractor)
         return stats
 
+    def _check_shapes(self, path: Path) -> None:
+        dim = self.mu.shape[0] if self.mu.ndim == 1 else -1
+        feats_ok = self.features is None or (self.features.ndim == 2 and self.features.shape[1] == dim)
+        if dim < 1 or self.sigma.shape != (dim, dim) or not feats_ok:
+            feats = None if self.features is None else self.features.shape
+            raise StatsFileError(
+                f"{str(path)!r} is inconsistent: mu {self.mu.shape}, sigma {self.sigma.shape}, feats {feats}."
+            )
 
-__all__ = ["FORMAT", "ReferenceStats", "StatsFileError", "StatsMismatchError", "write_atomic", "write_json"]
+    @classmethod
+    def _load_unverified(cls, path: Path, arrays: dict, assume_extractor: object | None) -> ReferenceStats:
+        """A file without an extractor identity (clean-fid's), on the caller's word (see :meth:`load`)."""
+        if assume_extractor is None:
+            raise StatsFileError(
+                f"{str(path)!r} has no `extractor` field, so the network that made it cannot be verified: it is not "
+                "a stepdistill reference statistics file. For clean-fid's Inception statistics (mu/sigma) pass "
+                "--ref_extractor inception (FID only; Python: assume_extractor=InceptionFeatures(...)); otherwise "
+                "make the reference with `stepdistill eval ref`."
+            )
+        feats = arrays["feats"].astype(np.float64) if "feats" in arrays else None
+        if "mu" in arrays and "sigma" in arrays:
+            mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+        elif feats is not None and feats.ndim == 2 and feats.shape[0] > 1:
+            mu, sigma = feature_statistics(feats)
+        else:
+            raise StatsFileError(f"{str(path)!r} holds neither mu/sigma nor feats: it is not a statistics file.")
+        name, dim = _extractor_name(assume_extractor), getattr(assume_extractor, "dim", None)
+        if dim is not None and mu.shape != (dim,):
+            raise StatsFileError(
+                f"{str(path)!r} holds {mu.shape[-1] if mu.ndim else 0}-d statistics but {name} makes {dim}-d "
+                "features: it was not made with that extractor."
+            )
+        stats = cls(mu, sigma, feats, name, str(getattr(assume_extractor, "spec", "")), str(path),
+                    meta={"unverified_extractor": True})  # fmt: skip
+        stats._check_shapes(path)
+        only = "" if feats is not None else " FID only: KID and precision / recall need the reference's features."
+        warnings.warn(
+            f"{str(path)!r} carries no extractor identity; it is taken to be {name}'s as asked, which cannot be "
+            f"verified (statistics of another network, clean-fid mode or image protocol give a wrong number "
+            f"silently).{only}",
+            UnverifiedStatsWarning,
+            stacklevel=3,
+        )
+        return stats
+
+
+__all__ = [
+    "FORMAT",
+    "ReferenceStats",
+    "StatsFileError",
+    "StatsMismatchError",
+    "UnverifiedStatsWarning",
+    "write_atomic",
+    "write_json",
+]

@@ -247,7 +247,9 @@ def _base_components(
             raise ValueError(f"{str(folder)!r} is not a local diffusers pipeline folder (no model_index.json).")
         index = json.loads((folder / "model_index.json").read_text())
         absent = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
-        return dict(pipeline_cls.from_pretrained(folder, **absent, **{network_key: network}).components)
+        from ..loading import load_pipeline_folder
+
+        return dict(load_pipeline_folder(folder, pipeline_cls, **absent, **{network_key: network}).components)
     raise TypeError(
         "base must be a DiffusionPipeline, a dict of its components or a local pipeline folder, "
         f"got {type(base).__name__}."

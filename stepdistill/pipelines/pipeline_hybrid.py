@@ -672,9 +672,10 @@ def _as_pipeline(
             f"The {side} {str(folder)!r} is not a local diffusers pipeline folder (no model_index.json). Pass the "
             "folder written by save_pretrained (e.g. a student's `.../student` folder)."
         )
+    from ..loading import load_pipeline_folder
+
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    loaded = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **kwargs)
-    return loaded, folder
+    return load_pipeline_folder(folder, **kwargs), folder
 
 
 def _network(pipe: DiffusionPipeline, side: str) -> nn.Module:
