@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class ToyConfig(TrainerConfig):
     group_learning_rate: float = 1e-1
     group_weight_decay: float = 0.5
     interrupt_at: int = -1  # raise KeyboardInterrupt at this iteration (a killed run)
+    stall_in_checkpoint_at: int = -1  # stop inside the checkpoint of this iteration (models written, rest not)
 
 
 class ToyTrainer(DistillationTrainer):
@@ -85,6 +87,12 @@ class ToyTrainer(DistillationTrainer):
 
     def export(self, folder: Path) -> Path:
         return folder
+
+    def _save_models_hook(self, models: list, weights: list, output_dir: str) -> None:
+        super()._save_models_hook(models, weights, output_dir)
+        if self.global_step == self.config.stall_in_checkpoint_at:  # a test SIGKILLs the run here, mid-write
+            (Path(self.config.output_dir) / "stalled").write_text(output_dir)
+            time.sleep(600)
 
 
 if __name__ == "__main__":

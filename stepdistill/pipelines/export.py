@@ -275,13 +275,6 @@ def _prediction_type(schedule: NoiseSchedule | None) -> str | None:
     return None if schedule is None else schedule.prediction_type
 
 
-def _save(pipe: DiffusionPipeline, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def _plain(values: Sequence[float]) -> list[int | float]:
     return [_plain_number(v) for v in values]
 
@@ -319,11 +312,22 @@ def _stock_lcm_scheduler(
     return scheduler, ts
 
 
-def _save_export(pipe: DiffusionPipeline, result: ExportResult, model_card: bool, title: str | None) -> ExportResult:
-    """Save ``pipe`` to ``result.path`` and write its model card if asked."""
-    _save(pipe, result.path)
-    if model_card:
-        write_model_card(result, title=title)
+def _save_export(
+    pipe: DiffusionPipeline,
+    result: ExportResult,
+    model_card: bool,
+    title: str | None,
+    card_path: str | Path | None = None,
+) -> ExportResult:
+    """Save ``pipe`` to ``result.path`` atomically (durable; a previous folder is replaced whole) with its card."""
+    from ..utils import atomic_write_dir
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if model_card:
+            write_model_card(result, title=title, folder=tmp, path=card_path or result.path)
+
+    atomic_write_dir(result.path, write)
     return result
 
 
@@ -336,6 +340,7 @@ def export_stable_diffusion(
     out_dir: str | Path,
     model_card: bool = True,
     title: str | None = None,
+    card_path: str | Path | None = None,
 ) -> ExportResult:
     """Write a student of an SD1.5 / SD2.1-like teacher as a stock ``StableDiffusionPipeline`` folder.
 
@@ -348,6 +353,8 @@ def export_stable_diffusion(
         out_dir: Output folder.
         model_card: Write ``README.md`` with the exact call.
         title: Model-card title.
+        card_path: The folder the model card's usage loads (default ``out_dir``; pass the final folder when
+            ``out_dir`` is a temporary one that is renamed afterwards).
 
     Example:
         >>> result = export_stable_diffusion(student_unet, teacher_pipe, [999, 749, 499, 249], "out/sd-dmd2")
@@ -385,7 +392,7 @@ def export_stable_diffusion(
         call_kwargs={"timesteps": ts, "guidance_scale": 0.0},
         notes=_lcm_notes(scheduler, ts),
     )
-    return _save_export(pipe, result, model_card, title)
+    return _save_export(pipe, result, model_card, title, card_path)
 
 
 def export_stable_diffusion_xl(
@@ -395,6 +402,7 @@ def export_stable_diffusion_xl(
     out_dir: str | Path,
     model_card: bool = True,
     title: str | None = None,
+    card_path: str | Path | None = None,
 ) -> ExportResult:
     """Write a student of an SDXL-like teacher as a stock ``StableDiffusionXLPipeline`` folder.
 
@@ -438,7 +446,7 @@ def export_stable_diffusion_xl(
         notes=_lcm_notes(scheduler, ts)
         + ["`add_watermarker=False` at load time: the invisible watermark (when installed) changes pixels."],
     )
-    return _save_export(pipe, result, model_card, title)
+    return _save_export(pipe, result, model_card, title, card_path)
 
 
 def export_stable_diffusion_3(
@@ -448,6 +456,7 @@ def export_stable_diffusion_3(
     out_dir: str | Path,
     model_card: bool = True,
     title: str | None = None,
+    card_path: str | Path | None = None,
 ) -> ExportResult:
     """Write a student of an SD3-like (rectified-flow MMDiT) teacher as a stock ``StableDiffusion3Pipeline`` folder.
 
@@ -506,7 +515,7 @@ def export_stable_diffusion_3(
         exact=not multi,
         notes=notes,
     )
-    return _save_export(pipe, result, model_card, title)
+    return _save_export(pipe, result, model_card, title, card_path)
 
 
 def export_stepdistill_pipeline(
@@ -520,6 +529,7 @@ def export_stepdistill_pipeline(
     null_class_label: int | None = None,
     model_card: bool = True,
     title: str | None = None,
+    card_path: str | Path | None = None,
 ) -> ExportResult:
     """Save a student that has no stock diffusers pipeline (digits, DiT, custom) as a :class:`StepDistillPipeline`.
 
@@ -534,6 +544,7 @@ def export_stepdistill_pipeline(
         null_class_label: The null class of a class-conditional student (10 for digits).
         model_card: Write ``README.md``.
         title: Model-card title.
+        card_path: The folder the model card's usage loads (default ``out_dir``).
 
     Example:
         >>> export_stepdistill_pipeline(student, teacher_scheduler(), [999, 499], "out/digits", null_class_label=10)
@@ -572,7 +583,7 @@ def export_stepdistill_pipeline(
             "`import stepdistill.pipelines`)."
         ],
     )
-    return _save_export(pipe, result, model_card, title)
+    return _save_export(pipe, result, model_card, title, card_path)
 
 
 def export_student(
@@ -671,9 +682,19 @@ $files
 )
 
 
-def write_model_card(result: ExportResult, title: str | None = None) -> Path:
-    """Write ``README.md`` into ``result.path`` from :data:`MODEL_CARD_TEMPLATE` and return its path."""
-    folder = result.path
+def write_model_card(
+    result: ExportResult, title: str | None = None, folder: str | Path | None = None, path: str | Path | None = None
+) -> Path:
+    """Write ``README.md`` from :data:`MODEL_CARD_TEMPLATE` and return its path.
+
+    Args:
+        result: What the export wrote.
+        title: Card title.
+        folder: The folder to write into and read the pipeline files from (default ``result.path``; a
+            temporary folder while an atomic write is under way).
+        path: The folder the usage example loads (default ``result.path``): the final folder, never a temporary one.
+    """
+    folder = Path(folder) if folder is not None else result.path
     index = json.loads((folder / "model_index.json").read_text())
     scheduler_class = index.get("scheduler", [None, "?"])[1]
     stepdistill = result.kind == "stepdistill"
@@ -712,7 +733,7 @@ def write_model_card(result: ExportResult, title: str | None = None) -> Path:
         pipeline_class=result.pipeline_class,
         needs=needs,
         import_extra=import_extra,
-        path=str(folder),
+        path=str(path if path is not None else result.path),
         load_args=load_args,
         seed_lines=seed_lines,
         call_args=", ".join(call),

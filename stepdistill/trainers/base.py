@@ -31,8 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,9 +50,14 @@ from ..utils import precision_dtype, runs_on_cpu
 from .checkpointing import (
     CHECKPOINT_PREFIX,
     EMA_FOLDER,
+    TRAINER_STATE,
+    WRITING_PREFIX,
     RNGState,
+    commit_checkpoint,
     list_checkpoints,
     load_module_weights,
+    prune_checkpoints,
+    recover_checkpoints,
     save_module_weights,
 )
 
@@ -62,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-TRAINER_STATE = "trainer_state.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -851,24 +853,20 @@ class DistillationTrainer:
                 f"good one is {str(last) if last else 'none'}. Lower the learning rate or the clipping norm."
             )
         final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.global_step:06d}"
-        tmp = self.checkpoint_dir / f".tmp-{final.name}"
+        tmp = self.checkpoint_dir / f"{WRITING_PREFIX}{final.name}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            recover_checkpoints(self.checkpoint_dir)  # also removes a half-written tmp of a killed run
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
+        # 1. every process writes its part into the hidden folder (a crash here leaves no listed checkpoint)
         acc.save_state(str(tmp))
         torch.save(self._rng_state.state_dict(), tmp / f"trainer_rng_{acc.process_index}.pt")
-        if acc.is_main_process:
-            (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(), indent=2) + "\n")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            limit = self.config.checkpoints_total_limit
-            if limit > 0:
-                for old in list_checkpoints(self.checkpoint_dir)[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            # 2. the trainer state last (it marks a checkpoint complete), fsync, rename over any old one (kept
+            #    until the new one is in place), 3. prune by rename-then-delete
+            commit_checkpoint(tmp, final, self._trainer_state())
+            prune_checkpoints(self.checkpoint_dir, self.config.checkpoints_total_limit)
         acc.wait_for_everyone()
         return final
 
@@ -877,7 +875,10 @@ class DistillationTrainer:
         path = Path(path)
         state_file = path / TRAINER_STATE
         if not state_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a stepdistill checkpoint (no {TRAINER_STATE}).")
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a complete stepdistill checkpoint (no {TRAINER_STATE}, which is written last); "
+                "pass a complete one, or --resume_from_checkpoint latest."
+            )
         state = json.loads(state_file.read_text())
         self.accelerator.load_state(str(path))
         rng_file = path / f"trainer_rng_{self.accelerator.process_index}.pt"
@@ -905,6 +906,9 @@ class DistillationTrainer:
         if not spec:
             return None
         if spec == "latest":
+            if self.accelerator.is_main_process:
+                recover_checkpoints(self.checkpoint_dir)  # finish or undo what a killed run left half-done
+            self.accelerator.wait_for_everyone()
             last = self.last_checkpoint()
             if last is None:
                 self.accelerator.print(f"No checkpoint in {self.checkpoint_dir}: starting a new run.")

@@ -18,7 +18,9 @@ never merged copies of the base network. Loading reads the same files back into 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +28,10 @@ from torch import nn
 
 #: Name of the folder prefix of complete checkpoints (``checkpoint-000500``).
 CHECKPOINT_PREFIX = "checkpoint-"
+#: The trainer's own state file; written last, so a checkpoint folder without it is incomplete.
+TRAINER_STATE = "trainer_state.json"
+#: Prefixes of a checkpoint being written and of one being deleted (neither is ever listed).
+WRITING_PREFIX, DELETING_PREFIX = ".tmp-", ".del-"
 #: File with a module's tensors that do not belong to a diffusers model inside it.
 EXTRA_WEIGHTS = "extra.safetensors"
 #: Sub-folder of a trainable's checkpoint folder with its EMA weights (same layout).
@@ -34,12 +40,59 @@ _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-NNNNNN``) in ``folder``, oldest first."""
+    """Complete checkpoints (``checkpoint-NNNNNN`` holding :data:`TRAINER_STATE`) in ``folder``, oldest first."""
     root = Path(folder)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)
+             and (p / TRAINER_STATE).is_file()]  # fmt: skip
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def recover_checkpoints(folder: str | Path) -> None:
+    """Clean up after a run killed while writing or deleting checkpoints (main process only).
+
+    A replacement interrupted between its two renames gets its previous checkpoint back
+    (:func:`~stepdistill.utils.restore_dir`); half-written (``.tmp-``) and half-deleted (``.del-``) folders are
+    removed. Complete checkpoints are never touched.
+    """
+    from ..utils import restore_dir
+
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    for path in list(root.iterdir()):
+        match = re.fullmatch(rf"\.({CHECKPOINT_PREFIX}\d+)\.old", path.name)
+        if match:
+            restore_dir(root / match.group(1))
+        elif path.name.startswith((WRITING_PREFIX, DELETING_PREFIX)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def commit_checkpoint(tmp: Path, final: Path, trainer_state: dict) -> Path:
+    """Publish the checkpoint written into ``tmp`` as ``final`` (main process, after every process wrote its part).
+
+    :data:`TRAINER_STATE` is written last, then everything is ``fsync``-ed and renamed onto ``final`` with
+    :func:`~stepdistill.utils.replace_dir`: a crash at any instant leaves the previous checkpoint or this one.
+    """
+    from ..utils import replace_dir
+
+    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+    return replace_dir(tmp, final)
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (``keep <= 0``: keep all).
+
+    Each is first renamed to ``.del-<name>`` (atomic), so a crash mid-deletion never leaves a damaged folder that
+    looks like a checkpoint.
+    """
+    if keep <= 0:
+        return
+    for old in list_checkpoints(folder)[:-keep]:
+        doomed = old.with_name(f"{DELETING_PREFIX}{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def diffusers_submodules(module: nn.Module) -> dict[str, nn.Module]:
@@ -131,9 +184,13 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "EMA_FOLDER",
     "EXTRA_WEIGHTS",
+    "TRAINER_STATE",
     "RNGState",
+    "commit_checkpoint",
     "diffusers_submodules",
     "list_checkpoints",
     "load_module_weights",
+    "prune_checkpoints",
+    "recover_checkpoints",
     "save_module_weights",
 ]

@@ -72,11 +72,11 @@ def export_student_folder(
     stock = teacher_kind(network) != "stepdistill" and root is not None and (root / "vae").is_dir()
 
     def write(tmp: Path) -> None:
-        if stock:
-            export_student(network, root, list(timesteps), tmp)
+        if stock:  # the model card names the final folder, not the temporary one
+            export_student(network, root, list(timesteps), tmp, card_path=folder)
         else:  # any network (also SD-family ones without a VAE folder) as a StepDistillPipeline
             export_stepdistill_pipeline(network, scheduler_config, list(timesteps), tmp,
-                                        null_class_label=null_class_label)
+                                        null_class_label=null_class_label, card_path=folder)
         (tmp / STUDENT_METADATA).write_text(meta_text)
 
     return atomic_write_dir(folder, write)
