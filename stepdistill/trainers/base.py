@@ -54,11 +54,14 @@ from .checkpointing import (
     WRITING_PREFIX,
     RNGState,
     commit_checkpoint,
+    diffusers_submodules,
     list_checkpoints,
     load_module_weights,
     prune_checkpoints,
+    read_module_weights,
     recover_checkpoints,
     save_module_weights,
+    unsharded_class,
 )
 
 logger = logging.getLogger(__name__)
@@ -243,6 +246,8 @@ class Trainable:
         frozen: Frozen trainables no longer update (recorded in checkpoints).
         resets: Iterations at which it was re-initialised (recorded in checkpoints).
         initial_state: Its weights at registration (CPU), kept when it may be reset to them.
+        reshard_after_forward: Under FSDP2, free the gathered weights after each forward (``False``: keep them until
+            the backward, for losses that reach the weights other than through the module's outputs).
     """
 
     name: str
@@ -255,6 +260,17 @@ class Trainable:
     frozen: bool = False
     resets: list[int] = field(default_factory=list)
     initial_state: dict[str, torch.Tensor] | None = None
+    reshard_after_forward: bool = True
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The local shard of a (possibly FSDP2-sharded) tensor."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole of a (possibly FSDP2-sharded) tensor (a collective for sharded ones: every process calls it)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _networks(module: nn.Module) -> list[nn.Module]:
@@ -352,6 +368,7 @@ class DistillationTrainer:
         activate: Callable[[], contextlib.AbstractContextManager] | None = None,
         ema: bool = False,
         resettable: bool = False,
+        reshard_after_forward: bool = True,
     ) -> None:
         """Register a trainable module: fp32 trainable weights, its own AdamW optimizer, LR schedule and EMA.
 
@@ -363,6 +380,10 @@ class DistillationTrainer:
                 shared-base adapter; backward runs inside it so checkpointed blocks recompute with this adapter).
             ema: Keep an EMA of its parameters (``ema_decay`` / ``ema_start_step`` of the config).
             resettable: Keep a CPU copy of its initial weights for :meth:`reset_trainable`.
+            reshard_after_forward: FSDP2 only: ``False`` keeps its gathered weights from each forward to the backward.
+                FSDP2 gathers a unit's weights for backward when the gradient reaches the unit's outputs; a loss that
+                reads an inner activation (DMD2's GAN head on the critic's bottleneck, via a forward hook) bypasses
+                them and needs ``False``.
         """
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel, cast_training_params
@@ -400,7 +421,8 @@ class DistillationTrainer:
             if ema else None
         initial = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if resettable else None
         self.trainables[name] = Trainable(name, module, optimizer, lr_scheduler, settings,
-                                          activate or contextlib.nullcontext, ema_model, initial_state=initial)
+                                          activate or contextlib.nullcontext, ema_model, initial_state=initial,
+                                          reshard_after_forward=reshard_after_forward)
 
     @staticmethod
     def _param_groups(named: list[tuple[str, nn.Parameter]], settings: OptimizerSettings) -> list:
@@ -441,15 +463,45 @@ class DistillationTrainer:
                 m.enable_xformers_memory_efficient_attention()
                 return
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the trainables are sharded over the processes (FSDP2).
+
+        Every process then takes part in each gather: checkpoints, EMA weights, grids, evaluation, export.
+        """
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
     def _prepare(self) -> None:
         acc = self.accelerator
         names = list(self.trainables)
-        objs = []
-        for n in names:
-            objs += [self.trainables[n].module, self.trainables[n].optimizer]
-        prepared = acc.prepare(*objs)
-        for i, n in enumerate(names):
-            self.trainables[n].module, self.trainables[n].optimizer = prepared[2 * i], prepared[2 * i + 1]
+        if self.sharded:
+            self._check_shardable()
+            plugin = acc.state.fsdp_plugin
+            wanted = list(plugin.transformer_cls_names_to_wrap or [])
+            for n in names:  # FSDP2: one model (with its optimizer) per prepare call
+                t = self.trainables[n]
+                # each diffusers network its own FSDP unit (methods call them directly: DMD's fake score), plus the
+                # configured block classes this module has (accelerate refuses a class a model lacks)
+                present = {type(m).__name__ for m in t.module.modules()}
+                networks = [type(m).__name__ for m in diffusers_submodules(t.module).values()]
+                plugin.transformer_cls_names_to_wrap = [c for c in wanted if c in present] + [
+                    c for c in networks if c not in wanted]
+                t.module, t.optimizer = acc.prepare(t.module, t.optimizer)
+                # make the prepared module the root of its FSDP units now: FSDP2 takes the first module to run
+                # forward as the root, and a network called on its own first (DMD's fake score) would take that place
+                self.unwrap(n)._get_fsdp_state()._lazy_init()
+                if not t.reshard_after_forward:
+                    self.unwrap(n).set_reshard_after_forward(False, recurse=True)
+                if t.ema is not None:  # the EMA follows the sharded parameters (equal to them at this point)
+                    t.ema.shadow_params = [p.detach().clone() for p in t.module.parameters()]
+            plugin.transformer_cls_names_to_wrap = wanted
+        else:
+            objs = []
+            for n in names:
+                objs += [self.trainables[n].module, self.trainables[n].optimizer]
+            prepared = acc.prepare(*objs)
+            for i, n in enumerate(names):
+                self.trainables[n].module, self.trainables[n].optimizer = prepared[2 * i], prepared[2 * i + 1]
         # LR schedules are stepped by hand every iteration (Accelerate's wrapper would step them once per
         # process and skip iterations where a trainable does not update); register them for checkpoints.
         for n in names:
@@ -462,6 +514,54 @@ class DistillationTrainer:
     def unwrap(self, name: str) -> nn.Module:
         """The bare module of trainable ``name`` (no DDP / autocast wrapper)."""
         return self.accelerator.unwrap_model(self.trainables[name].module)
+
+    def _check_shardable(self) -> None:
+        """Refuse what FSDP2 cannot shard correctly: version 1, and adapter views of one shared base."""
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        from ..adapters import AdapterDenoiser
+
+        if not self.accelerator.is_fsdp2:
+            raise ValueError("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config.")
+        policy = self.accelerator.state.fsdp_plugin.auto_wrap_policy
+        if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
+            raise ValueError(
+                "FSDP needs `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` (stepdistill makes each trainable's "
+                "diffusers network an FSDP unit; list block classes such as ResnetBlock2D or BasicTransformerBlock in "
+                "`fsdp_transformer_layer_cls_to_wrap`): size-based wrapping splits diffusers' ModuleLists, which "
+                "fully_shard refuses, and without wrapping a network called on its own would meet sharded weights."
+            )
+        shared = [n for n, t in self.trainables.items()
+                  if any(isinstance(m, AdapterDenoiser) for m in t.module.modules())]
+        if shared:
+            raise ValueError(
+                f"Trainables {shared} are LoRA adapters on one shared base (lora_rank > 0), which FSDP cannot shard: "
+                "it shards the parameters a module owns, and an adapter view does not own the shared network's "
+                "layers (accelerate's FSDP2 also allows one model per prepare and pairs optimizer i with model i). "
+                "Use DDP (`accelerate launch --multi_gpu`) for LoRA mode, or full copies (lora_rank 0) with FSDP."
+            )
+
+    def gathered_state_dict(self, name: str, ema: bool = False) -> dict[str, torch.Tensor]:
+        """Trainable ``name``'s full ``state_dict`` on CPU (its EMA weights with ``ema``).
+
+        Sharded (FSDP2): every process must call it; the shards are gathered and only the main process gets the
+        tensors (the others an empty dict). Otherwise: the module's own ``state_dict``.
+        """
+        context = self.ema_weights(name) if ema else contextlib.nullcontext()
+        with context:
+            if self.sharded:
+                return self.accelerator.get_state_dict(self.trainables[name].module)
+            return {k: v.detach().cpu().clone() for k, v in self.unwrap(name).state_dict().items()}
+
+    def _set_full_state(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a full ``state_dict`` into trainable ``name`` (scattered into the shards when sharded)."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.trainables[name].module, dict(state),
+                                 options=StateDictOptions(full_state_dict=True, strict=True))
+        else:
+            self.unwrap(name).load_state_dict(state, strict=True)
 
     @property
     def emas(self) -> dict[str, Any]:
@@ -499,12 +599,15 @@ class DistillationTrainer:
         acc = self.accelerator
         params = [p for p in t.module.parameters() if p.requires_grad]
         clip = t.settings.max_grad_norm if t.settings.max_grad_norm > 0 else float("inf")
-        if acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        if acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU,
+                                    DistributedType.FSDP):
             # unscale this optimizer only: accelerate's clip_grad_norm_ unscales every optimizer, which would
-            # unscale another trainable's fp16 gradients a second time after this one's scaler update
+            # unscale another trainable's fp16 gradients a second time after this one's scaler update (and under
+            # FSDP it compares parameter lists with ==, which fails for two models of one shape); torch's
+            # clip_grad_norm_ handles FSDP2's DTensor gradients (one mesh) itself
             acc.unscale_gradients(optimizer=t.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:  # FSDP / DeepSpeed / XLA clip their own way
+            norm = _full(torch.nn.utils.clip_grad_norm_(params, clip))
+        else:  # DeepSpeed / XLA clip their own way
             norm = acc.clip_grad_norm_(params, clip)
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
@@ -548,7 +651,7 @@ class DistillationTrainer:
                                  "resettable=True).")
             state = t.initial_state
         module = self.unwrap(name)
-        module.load_state_dict(state, strict=True)
+        self._set_full_state(name, state)
         t.optimizer.zero_grad(set_to_none=True)
         t.optimizer.state.clear()
         self._restart_schedule(t, self.config.max_train_steps - self.global_step)
@@ -668,9 +771,34 @@ class DistillationTrainer:
         """The null class of the data's conditions (``None`` for unconditional or text data)."""
         return None if self.config.data == "unconditional" else self.data.grid_conditioning(1).null_class_label
 
-    def export_student(self, network: nn.Module, folder: Path, timesteps: Sequence[float], metadata: dict) -> Path:
-        """Write ``network`` as a student pipeline folder (:func:`~.outputs.export_student_folder`)."""
+    def standalone_network(self, name: str) -> nn.Module | None:
+        """A standalone fp32 copy of trainable ``name``'s network (EMA weights when it keeps one; adapters merged).
+
+        Sharded (FSDP2): every process must call it; the weights are gathered and the main process gets the copy,
+        the others ``None``.
+        """
+        if not self.sharded:
+            with self.ema_weights(name):
+                return self.layout.standalone(name, self.unwrap(name))
+        state = self.gathered_state_dict(name, ema=self.trainables[name].ema is not None)
+        if not self.accelerator.is_main_process:
+            return None
+        network = self.unwrap(name).model
+        plain = unsharded_class(network).from_config(network.config)
+        plain.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+        return plain.float().eval()
+
+    def export_student(
+        self, network: nn.Module | None, folder: Path, timesteps: Sequence[float], metadata: dict
+    ) -> Path:
+        """Write ``network`` as a student pipeline folder (:func:`~.outputs.export_student_folder`).
+
+        ``None`` (a non-main process of a sharded run, see :meth:`standalone_network`) writes nothing.
+        """
         from .outputs import export_student_folder
+
+        if network is None:
+            return folder
 
         return export_student_folder(network, folder, timesteps, metadata, self.teacher_spec, self.schedule,
                                      self.null_class_label)
@@ -748,7 +876,7 @@ class DistillationTrainer:
         from ..data.digits import make_grid_image
 
         pixels = self.grid_pixels(torch.cat(list(rows)))
-        if pixels is not None:
+        if pixels is not None and self.accelerator.is_main_process:
             make_grid_image(pixels, nrow=rows[0].shape[0], scale=4 if pixels.shape[-1] <= 64 else 1).save(path)
 
     def grid_pixels(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -781,14 +909,14 @@ class DistillationTrainer:
         raise NotImplementedError
 
     def export(self, folder: Path) -> Path:
-        """Write the final student (main process only); return its folder."""
+        """Write the final student (main process only; every process when :attr:`sharded`); return its folder."""
         raise NotImplementedError
 
     def sample_grid(self, path: Path) -> None:
-        """Write a sample grid image to ``path`` (main process only); default: nothing."""
+        """Write a sample grid image to ``path`` (main process; every process when :attr:`sharded`); default none."""
 
     def evaluate(self) -> dict[str, float]:
-        """In-training evaluation metrics (main process only); default: none."""
+        """In-training evaluation metrics (main process; every process when :attr:`sharded`); default: none."""
         return {}
 
     # ----------------------------------------------------------------------------------------------
@@ -801,8 +929,19 @@ class DistillationTrainer:
         raise RuntimeError(f"A {type(bare).__name__} prepared by Accelerate is not a registered trainable.")
 
     def _save_models_hook(self, models: list, weights: list, output_dir: str) -> None:
-        """Accelerate save hook: each trainable into ``<checkpoint>/<name>/`` once, its EMA into ``<name>/ema/``."""
-        if len(weights) != len(models):  # FSDP / DeepSpeed wrote the models themselves
+        """Accelerate save hook: each trainable into ``<checkpoint>/<name>/`` once, its EMA into ``<name>/ema/``.
+
+        Sharded (FSDP2), accelerate writes the models and optimizers itself (its FSDP files); the hook gathers
+        and writes the EMA weights, which accelerate does not know.
+        """
+        if self.sharded:
+            for name, t in self.trainables.items():
+                if t.ema is not None:
+                    state = self.gathered_state_dict(name, ema=True)  # every process takes part
+                    if self.accelerator.is_main_process:
+                        save_module_weights(self.unwrap(name), Path(output_dir) / name / EMA_FOLDER, state=state)
+            return
+        if len(weights) != len(models):  # DeepSpeed wrote the models itself
             return
         if self.accelerator.is_main_process:
             for model in models:
@@ -845,7 +984,7 @@ class DistillationTrainer:
     def save_checkpoint(self) -> Path:
         """Save a checkpoint atomically (every process takes part); prune to ``checkpoints_total_limit``."""
         acc = self.accelerator
-        bad = [n for n in self.trainables if not all(torch.isfinite(p).all() for p in self.unwrap(n).parameters())]
+        bad = [n for n in self.trainables if not self._finite(n)]
         if bad:
             last = self.last_checkpoint()
             raise NonFiniteLossError(
@@ -870,6 +1009,14 @@ class DistillationTrainer:
         acc.wait_for_everyone()
         return final
 
+    def _finite(self, name: str) -> bool:
+        """Whether every weight of trainable ``name`` is finite (on every process's shard when sharded)."""
+        if not self.sharded:
+            return all(torch.isfinite(p).all() for p in self.unwrap(name).parameters())
+        local = all(bool(torch.isfinite(_local(p)).all()) for p in self.unwrap(name).parameters())
+        flag = torch.tensor([0.0 if local else 1.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) == 0
+
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore models, optimizers, LR schedules, EMAs, frozen / reset records, RNG streams and the step."""
         path = Path(path)
@@ -881,6 +1028,8 @@ class DistillationTrainer:
             )
         state = json.loads(state_file.read_text())
         self.accelerator.load_state(str(path))
+        if self.sharded:  # accelerate loaded the shards of models and optimizers; the EMA weights are ours
+            self._load_sharded_emas(path)
         rng_file = path / f"trainer_rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
             self._rng_state.load_state_dict(torch.load(rng_file, weights_only=True))
@@ -900,6 +1049,20 @@ class DistillationTrainer:
                 t.ema.to(self.accelerator.device)
             if record.get("frozen"):
                 self.freeze_trainable(name)
+
+    @torch.no_grad()
+    def _load_sharded_emas(self, path: Path) -> None:
+        """Read each EMA's full weights from ``<checkpoint>/<name>/ema/`` into its (sharded) shadow parameters."""
+        for name, t in self.trainables.items():
+            folder = path / name / EMA_FOLDER
+            if t.ema is None or not folder.is_dir():
+                continue
+            params = list(self.unwrap(name).parameters())
+            trained = [p.detach().clone() for p in params]
+            self._set_full_state(name, read_module_weights(self.unwrap(name), folder))
+            t.ema.shadow_params = [p.detach().clone() for p in params]
+            for p, value in zip(params, trained):
+                p.copy_(value)
 
     def _resolve_resume(self) -> Path | None:
         spec = self.config.resume_from_checkpoint
@@ -997,7 +1160,7 @@ class DistillationTrainer:
                                    "global_step": self.global_step}
         summary["eval"] = self._sample_and_eval(grid=True, evaluate=True)
         summary["param_checksums"] = self._param_checksums()
-        if cfg.export and acc.is_main_process:
+        if cfg.export and (acc.is_main_process or self.sharded):  # sharded: every process gathers the student
             summary["export"] = str(self.export(self.output_dir / "student"))
         if acc.is_main_process:
             (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -1008,14 +1171,14 @@ class DistillationTrainer:
     def _sample_and_eval(self, grid: bool, evaluate: bool) -> dict[str, float]:
         acc = self.accelerator
         result: dict[str, float] = {}
-        if acc.is_main_process:
+        if acc.is_main_process or self.sharded:  # sharded networks need every process in each forward
             if grid:
                 path = self.output_dir / "samples" / f"step-{self.global_step:06d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.sample_grid(path)
             if evaluate:
                 result = self.evaluate()
-                if result:
+                if result and acc.is_main_process:
                     acc.log(result, step=self.global_step)
                     self._append_jsonl({"step": self.global_step, **result})
                     acc.print(f"eval @ {self.global_step}: {result}")
@@ -1032,7 +1195,8 @@ class DistillationTrainer:
     def _param_checksums(self) -> list[dict[str, float]]:
         """Per-process parameter checksums of every trainable (gathered; used to check ranks agree)."""
         acc = self.accelerator
-        sums = [sum(float(p.detach().double().sum()) for p in self.unwrap(n).parameters()) for n in self.trainables]
+        sums = [sum(float(_full(p).detach().double().sum()) for p in self.unwrap(n).parameters())
+                for n in self.trainables]
         vec = torch.tensor(sums, dtype=torch.float64, device=acc.device)
         gathered = acc.gather(vec[None]) if acc.num_processes > 1 else vec[None]
         names = list(self.trainables)

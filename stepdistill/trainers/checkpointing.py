@@ -110,8 +110,22 @@ def diffusers_submodules(module: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def save_module_weights(module: nn.Module, folder: str | Path) -> Path:
-    """Write ``module``'s state: diffusers models as ``save_pretrained`` folders, the rest to ``extra.safetensors``."""
+def unsharded_class(module: nn.Module) -> type:
+    """``module``'s own class: FSDP2 swaps a sharded module's class for a subclass (``FSDPUNet2DModel``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def save_module_weights(module: nn.Module, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``module``'s state: diffusers models as ``save_pretrained`` folders, the rest to ``extra.safetensors``.
+
+    Args:
+        module: The module (its diffusers submodules give the folder layout and configs).
+        folder: Output folder.
+        state: A full ``state_dict`` to write instead of the module's own (the gathered shards of an FSDP2
+            module); each diffusers folder then gets its config and a safetensors file as ``save_pretrained`` writes.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -119,10 +133,22 @@ def save_module_weights(module: nn.Module, folder: str | Path) -> Path:
     models = diffusers_submodules(module)
     covered = set()
     for path, sub in models.items():
-        sub.save_pretrained(folder / (path.replace(".", "/") or "model"), safe_serialization=True)
+        dst = folder / (path.replace(".", "/") or "model")
         prefix = f"{path}." if path else ""
-        covered.update(f"{prefix}{k}" for k in sub.state_dict())
-    extra = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items() if k not in covered}
+        if state is None:
+            sub.save_pretrained(dst, safe_serialization=True)
+            covered.update(f"{prefix}{k}" for k in sub.state_dict())
+            continue
+        own = {k[len(prefix):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(prefix)}
+        dst.mkdir(parents=True, exist_ok=True)
+        sub.save_config(dst)
+        config = json.loads((dst / "config.json").read_text())
+        config["_class_name"] = unsharded_class(sub).__name__
+        (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(own, str(dst / _DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
+        covered.update(f"{prefix}{k}" for k in own)
+    full = module.state_dict() if state is None else state
+    extra = {k: v.detach().contiguous().cpu() for k, v in full.items() if k not in covered}
     if extra:
         save_file(extra, str(folder / EXTRA_WEIGHTS))
     return folder
@@ -144,9 +170,8 @@ def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-@torch.no_grad()
-def load_module_weights(module: nn.Module, folder: str | Path) -> None:
-    """Load what :func:`save_module_weights` wrote into ``module`` (strict: every key, exact shapes)."""
+def read_module_weights(module: nn.Module, folder: str | Path) -> dict[str, torch.Tensor]:
+    """The full ``state_dict`` that :func:`save_module_weights` wrote for ``module`` (its layout gives the files)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -157,7 +182,13 @@ def load_module_weights(module: nn.Module, folder: str | Path) -> None:
         state.update({f"{prefix}{k}": v for k, v in sub_state.items()})
     if (folder / EXTRA_WEIGHTS).is_file():
         state.update(load_file(str(folder / EXTRA_WEIGHTS)))
-    module.load_state_dict(state, strict=True)
+    return state
+
+
+@torch.no_grad()
+def load_module_weights(module: nn.Module, folder: str | Path) -> None:
+    """Load what :func:`save_module_weights` wrote into ``module`` (strict: every key, exact shapes)."""
+    module.load_state_dict(read_module_weights(module, folder), strict=True)
 
 
 class RNGState:
@@ -191,6 +222,8 @@ __all__ = [
     "list_checkpoints",
     "load_module_weights",
     "prune_checkpoints",
+    "read_module_weights",
     "recover_checkpoints",
     "save_module_weights",
+    "unsharded_class",
 ]

@@ -238,8 +238,10 @@ class DMDTrainer(DistillationTrainer):
                                                      update_interval=cfg.critic_updates_per_generator_update)
         self.add_trainable("generator", self.generator, generator_settings,
                            activate=lambda: self.layout.activate("generator"), ema=cfg.use_ema)
+        # the GAN head reads the critic's bottleneck through a forward hook: under FSDP2 its weights stay gathered
+        # from forward to backward (the GAN gradient does not pass the critic's outputs, where FSDP re-gathers)
         self.add_trainable("critic", self.critic, self.optimizer_settings(cfg.critic_learning_rate),
-                           activate=lambda: self.layout.activate("fake_score"))
+                           activate=lambda: self.layout.activate("fake_score"), reshard_after_forward=not cfg.use_gan)
         self.dm_loss = DistributionMatchingLoss(self.schedule, cfg.min_step_percent, cfg.max_step_percent,
                                                 self.guidance_scale)
         self.gan_inputs = GANInputNoise(self.schedule, cfg.gan_noisy_inputs)
@@ -306,7 +308,8 @@ class DMDTrainer(DistillationTrainer):
             cond: Their conditioning.
             regression: DMD1 ``(student outputs on paired noise, teacher ODE outputs)``.
             diagnostics: Also log the gradient norm each term sends into ``x`` (``grad_norm/dm_at_x``,
-                ``grad_norm/gan_at_x``), the probe DMD2's author uses to balance the GAN weight.
+                ``grad_norm/gan_at_x``; the latter not under FSDP), the probe DMD2's author uses to balance the
+                GAN weight.
         """
         cfg = self.config
         critic = self.unwrap("critic")
@@ -322,7 +325,7 @@ class DMDTrainer(DistillationTrainer):
             with self.accelerator.autocast():
                 logits = critic(x_gan, t_gan, cond)[3]
             loss_g = cfg.gan_generator_loss_weight * self.gan_g_loss(logits).mean()
-            if diagnostics:
+            if diagnostics and not self.sharded:  # FSDP2 runs one backward per forward through a sharded critic
                 (g,) = torch.autograd.grad(loss_g, x, retain_graph=True)
                 parts["grad_norm/gan_at_x"] = g.norm().detach()
             loss = loss + loss_g
@@ -406,10 +409,9 @@ class DMDTrainer(DistillationTrainer):
 
     # ----------------------------------------------------------------------------------------------
     # outputs
-    def student_network(self) -> nn.Module:
+    def student_network(self) -> nn.Module | None:
         """A standalone fp32 copy of the student network (EMA weights when EMA is on; adapters merged)."""
-        with self.ema_weights("generator"):
-            return self.layout.standalone("generator", self.unwrap("generator"))
+        return self.standalone_network("generator")
 
     def student_metadata(self) -> dict:
         """What the exported student folder records about its training."""
