@@ -124,7 +124,7 @@ def test_text_teachers_train_and_export_stock(folders, tmp_path, kind, timesteps
                 "sd3": "StableDiffusion3Pipeline"}[kind]
     assert index["_class_name"] == expected
     card = (tmp_path / "run" / "student" / "README.md").read_text()  # names the final folder, not the temporary one
-    assert f'from_pretrained("{tmp_path / "run" / "student"}")' in card and ".tmp" not in card
+    assert f'from_pretrained("{tmp_path / "run" / "student"}"' in card and ".tmp" not in card
     assert summary["global_step"] == 2
     # diagnostic grid, decoded by the teacher's VAE: samples + (real, fake) at 3 noise levels = 7 rows of 2
     grid = PIL.Image.open(tmp_path / "run" / "samples" / "step-000002.png")

@@ -113,7 +113,7 @@ def test_model_card_names_the_final_folder(tiny_teacher, tmp_path):
     for _ in range(2):  # a fresh folder, then a replacement
         export_student_folder(teacher.model, folder, [999], {"run": 1}, str(tiny_teacher), teacher.schedule, 10)
         card = (folder / "README.md").read_text()
-        assert f'from_pretrained("{folder}")' in card and ".tmp" not in card
+        assert f'from_pretrained("{folder}"' in card and ".tmp" not in card
     assert sorted(p.name for p in folder.parent.iterdir()) == ["student"]
 
 

@@ -21,6 +21,7 @@ from ..configs import parse_config
 from ..loading import ModelFolderError
 from ..trainers import DMDConfig, DMDTrainer
 from ..trainers.base import NonFiniteLossError
+from ..trainers.checkpointing import CheckpointMismatchError
 from .common import user_errors
 
 #: ``method: (config dataclass, trainer class)``; a new method is one entry here.
@@ -41,13 +42,13 @@ def train(method: str, argv: Sequence[str], prog: str = "stepdistill train") -> 
 
     Raises:
         SystemExit: status 1 with a one-line message for a bad config, a model folder that cannot be loaded,
-            or a non-finite loss; status 2 for an unknown flag.
+            a checkpoint that does not fit, or a non-finite loss; status 2 for an unknown flag.
     """
     config_cls, trainer_cls = METHODS[method]
     with user_errors(f"{prog} {method}", USER_ERRORS):
         config = parse_config(config_cls, argv, prog=f"{prog} {method}")
         trainer = trainer_cls(config)
-    with user_errors(f"{prog} {method}", (NonFiniteLossError,)):
+    with user_errors(f"{prog} {method}", (NonFiniteLossError, CheckpointMismatchError, FileNotFoundError)):
         return trainer.train()
 
 

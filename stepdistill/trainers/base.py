@@ -46,13 +46,15 @@ from ..conditioning import Conditioning
 from ..data.config import DataConfig
 from ..data.sources import ConditionSource, Predicate, make_data_source
 from ..denoiser import Denoiser
-from ..utils import precision_dtype, runs_on_cpu
+from ..utils import atomic_write_file, precision_dtype, runs_on_cpu
 from .checkpointing import (
     CHECKPOINT_PREFIX,
     EMA_FOLDER,
     TRAINER_STATE,
     WRITING_PREFIX,
+    CheckpointMismatchError,
     RNGState,
+    check_checkpoint_fits,
     commit_checkpoint,
     diffusers_submodules,
     list_checkpoints,
@@ -744,6 +746,16 @@ class DistillationTrainer:
 
         self.full_data = make_data_source(self.config, teacher_root(self.teacher_spec), network,
                                           self.accelerator.device, self.weight_dtype)
+        teacher = getattr(self, "teacher", None)
+        if isinstance(teacher, Denoiser):  # the conditions must be what the teacher takes, before any training
+            try:
+                teacher.check_conditioning(self.full_data.grid_conditioning(1), 1)
+            except ValueError as err:
+                raise ValueError(
+                    f"data={self.config.data!r} does not fit this teacher: {err} Use a data source that gives what "
+                    "it takes (class labels: digits / uniform_labels / dataset with labels; text: prompts / dataset "
+                    "with captions; nothing: unconditional)."
+                ) from None
         if self.full_data.has_images:
             _, imgs = self.full_data.sample(1, torch.Generator().manual_seed(0))
             if tuple(imgs.shape[1:]) != self.sample_shape:
@@ -1026,8 +1038,14 @@ class DistillationTrainer:
                 f"{str(path)!r} is not a complete stepdistill checkpoint (no {TRAINER_STATE}, which is written last); "
                 "pass a complete one, or --resume_from_checkpoint latest."
             )
-        state = json.loads(state_file.read_text())
-        self.accelerator.load_state(str(path))
+        state = check_checkpoint_fits(path, {n: self.unwrap(n) for n in self.trainables}, self.sharded)
+        try:
+            self.accelerator.load_state(str(path))
+        except (ValueError, RuntimeError, KeyError) as err:  # e.g. optimizer groups of another configuration
+            raise CheckpointMismatchError(
+                f"Checkpoint {str(path)!r} does not fit this run: {' '.join(str(err).split())[:400]} Resume with the "
+                "recipe and flags that wrote it (its run folder's config.yaml)."
+            ) from err
         if self.sharded:  # accelerate loaded the shards of models and optimizers; the EMA weights are ours
             self._load_sharded_emas(path)
         rng_file = path / f"trainer_rng_{self.accelerator.process_index}.pt"
@@ -1075,10 +1093,18 @@ class DistillationTrainer:
             last = self.last_checkpoint()
             if last is None:
                 self.accelerator.print(f"No checkpoint in {self.checkpoint_dir}: starting a new run.")
+            else:
+                check_checkpoint_fits(last, {n: self.unwrap(n) for n in self.trainables}, self.sharded)
             return last
         path = Path(spec)
         if not path.is_dir():
             raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no such checkpoint folder.")
+        if not (path / TRAINER_STATE).is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a complete stepdistill checkpoint (no {TRAINER_STATE}, which is written last); "
+                "pass a complete one, or --resume_from_checkpoint latest."
+            )
+        check_checkpoint_fits(path, {n: self.unwrap(n) for n in self.trainables}, self.sharded)
         return path
 
     # ----------------------------------------------------------------------------------------------
@@ -1109,20 +1135,20 @@ class DistillationTrainer:
         import yaml
 
         if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+            text = yaml.safe_dump(config_to_dict(self.config), sort_keys=False)
+            atomic_write_file(self.output_dir / "config.yaml", lambda tmp: tmp.write_text(text))
 
     def train(self) -> dict[str, Any]:
         """Run the loop to ``max_train_steps``; return a summary (final metrics, time, paths)."""
         from tqdm.auto import tqdm
 
         acc, cfg = self.accelerator, self.config
+        resume = self._resolve_resume()  # a checkpoint that does not fit fails here, before anything is written
         self.write_config()
         if acc.log_with:
             flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                     for k, v in config_to_dict(cfg).items()}
             acc.init_trackers(cfg.tracker_project_name, config=flat)
-        resume = self._resolve_resume()
         if resume is not None:
             self.load_checkpoint(resume)
             acc.print(f"Resumed from {resume} at iteration {self.global_step}.")

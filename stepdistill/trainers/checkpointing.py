@@ -39,6 +39,91 @@ EMA_FOLDER = "ema"
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the trainer resuming from it (another method, layout, network or FSDP setting)."""
+
+
+def check_checkpoint_fits(path: str | Path, modules: dict[str, nn.Module], sharded: bool = False) -> dict:
+    """Compare a checkpoint with the trainables about to load it, before anything is loaded.
+
+    Checks the trainable names of :data:`TRAINER_STATE`, that models were saved the way this run saves them (our
+    folders, or accelerate's FSDP files when ``sharded``), and every saved tensor's name and shape against the
+    module's ``state_dict`` (safetensors headers only; nothing is read into memory).
+
+    Args:
+        path: The checkpoint folder.
+        modules: ``name -> bare module`` of every trainable.
+        sharded: Whether this run is sharded (FSDP2).
+
+    Returns:
+        The parsed trainer state.
+
+    Raises:
+        CheckpointMismatchError: naming the first difference.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    fix = ("Resume with the recipe and flags that wrote it (its run folder's config.yaml), or start a new output_dir "
+           "(--init_generator takes its weights).")
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointMismatchError(f"Checkpoint {str(path)!r} has no readable {TRAINER_STATE} ({err}).") from None
+    saved = sorted(state.get("trainables", {}))
+    if saved != sorted(modules):
+        raise CheckpointMismatchError(
+            f"Checkpoint {str(path)!r} holds trainables {saved}, this run trains {sorted(modules)}: it was written by "
+            f"another method or configuration. {fix}"
+        )
+    fsdp_files = any(p.name.startswith("pytorch_model_fsdp") for p in path.iterdir())
+    if sharded != fsdp_files:
+        how = "with FSDP (accelerate's sharded files)" if fsdp_files else "without FSDP"
+        raise CheckpointMismatchError(
+            f"Checkpoint {str(path)!r} was written {how}; resume it the same way (the accelerate config decides). "
+            f"{fix}"
+        )
+    if sharded:
+        return state
+    for name, module in modules.items():
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        have: dict[str, tuple[int, ...]] = {}
+        try:
+            for prefix, file in _weight_files(module, path / name):
+                with safe_open(str(file), framework="pt") as f:
+                    have.update({f"{prefix}{k}": tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except (OSError, FileNotFoundError) as err:
+            raise CheckpointMismatchError(f"Checkpoint {str(path)!r}: {err} {fix}") from None
+        missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        shapes = [f"{k}: saved {have[k]}, here {want[k]}" for k in sorted(set(want) & set(have)) if have[k] != want[k]]
+        if missing or unexpected or shapes:
+            detail = "; ".join(x for x in (f"missing {missing[:3]}" if missing else "",
+                                           f"unexpected {unexpected[:3]}" if unexpected else "",
+                                           f"other shapes {shapes[:2]}" if shapes else "") if x)  # fmt: skip
+            raise CheckpointMismatchError(
+                f"Checkpoint {str(path)!r} does not fit trainable {name!r} of this run ({detail}): another network, "
+                f"layout (lora_rank) or method wrote it. {fix}"
+            )
+    return state
+
+
+def _weight_files(module: nn.Module, folder: Path) -> list[tuple[str, Path]]:
+    """``(key prefix, safetensors file)`` of what :func:`save_module_weights` wrote for ``module`` in ``folder``."""
+    files = []
+    for path in diffusers_submodules(module):
+        sub = folder / (path.replace(".", "/") or "model")
+        index = sub / f"{_DIFFUSERS_WEIGHTS}.index.json"
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else [_DIFFUSERS_WEIGHTS]
+        for name in names:
+            if not (sub / name).is_file():
+                raise FileNotFoundError(f"{str(sub / name)!r} is missing: the checkpoint is incomplete.")
+            files.append((f"{path}." if path else "", sub / name))
+    if (folder / EXTRA_WEIGHTS).is_file():
+        files.append(("", folder / EXTRA_WEIGHTS))
+    return files
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Complete checkpoints (``checkpoint-NNNNNN`` holding :data:`TRAINER_STATE`) in ``folder``, oldest first."""
     root = Path(folder)
@@ -154,34 +239,13 @@ def save_module_weights(module: nn.Module, folder: str | Path, state: dict[str, 
     return folder
 
 
-def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = folder / f"{_DIFFUSERS_WEIGHTS}.index.json"
-    if index.is_file():  # sharded save_pretrained
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(folder / shard)))
-        return state
-    path = folder / _DIFFUSERS_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint folder {str(folder)!r} has no {_DIFFUSERS_WEIGHTS}: it is incomplete.")
-    return load_file(str(path))
-
-
 def read_module_weights(module: nn.Module, folder: str | Path) -> dict[str, torch.Tensor]:
     """The full ``state_dict`` that :func:`save_module_weights` wrote for ``module`` (its layout gives the files)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
     state: dict[str, torch.Tensor] = {}
-    for path in diffusers_submodules(module):
-        prefix = f"{path}." if path else ""
-        sub_state = _read_diffusers_weights(folder / (path.replace(".", "/") or "model"))
-        state.update({f"{prefix}{k}": v for k, v in sub_state.items()})
-    if (folder / EXTRA_WEIGHTS).is_file():
-        state.update(load_file(str(folder / EXTRA_WEIGHTS)))
+    for prefix, file in _weight_files(module, Path(folder)):
+        state.update({f"{prefix}{k}": v for k, v in load_file(str(file)).items()})
     return state
 
 
@@ -213,10 +277,12 @@ class RNGState:
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "CheckpointMismatchError",
     "EMA_FOLDER",
     "EXTRA_WEIGHTS",
     "TRAINER_STATE",
     "RNGState",
+    "check_checkpoint_fits",
     "commit_checkpoint",
     "diffusers_submodules",
     "list_checkpoints",
