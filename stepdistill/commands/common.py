@@ -13,9 +13,23 @@ def int_list(text: str) -> list[int]:
     from ..evaluation.evaluate import parse_int_list
 
     try:
-        return parse_int_list(text)
+        values = parse_int_list(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names no number (ranges go up: 0-399)")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """Argument type: an integer >= 1 (counts and sizes: ``--batch_size``, ``--num_samples``, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def number(text: str) -> int | float:
@@ -61,4 +75,4 @@ def user_errors(command: str, errors: tuple[type[BaseException], ...]) -> Iterat
         raise SystemExit(1) from None
 
 
-__all__ = ["float_list", "int_list", "number", "number_list", "user_errors"]
+__all__ = ["float_list", "int_list", "number", "number_list", "positive_int", "user_errors"]

@@ -48,7 +48,7 @@ from ..evaluation.stats import (
     write_json,
 )
 from ..loading import ModelFolderError
-from .common import int_list, number_list, user_errors
+from .common import int_list, number_list, positive_int, user_errors
 
 #: Command name in usage and error lines (the back-compatible console script; ``stepdistill eval`` passes its own).
 PROG = "stepdistill-eval"
@@ -84,7 +84,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         p.add_argument(
             "--download", action="store_true", help="Let clean-fid download the Inception weights if missing."
         )
-        p.add_argument("--batch_size", type=int, default=64, help="Images per batch.")
+        p.add_argument("--batch_size", type=positive_int, default=64, help="Images per batch.")
         p.add_argument("--workers", type=int, default=0, help="DataLoader workers reading image folders.")
         p.add_argument("--device", default=None, help="Device (default: this process's accelerate device).")
         p.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -124,7 +124,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="--ref is a clean-fid statistics file (mu/sigma, no extractor identity) made with clean-fid's Inception "
         "('clean' mode): use it for FID only, on your word (a warning says it cannot be verified).",
     )
-    calc.add_argument("--num_samples", type=int, default=None, help="Images to sample (default: see --seeds).")
+    calc.add_argument("--num_samples", type=positive_int, default=None, help="Images to sample (default: see --seeds).")
     calc.add_argument(
         "--seeds",
         type=int_list,
@@ -139,15 +139,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "class mix. With --images: one label per image in sorted-path order.",
     )
     calc.add_argument("--prompts", default=None, help="File with one prompt per line (cycled over the images).")
-    calc.add_argument("--steps", type=int, default=None, help="num_inference_steps passed to the pipeline.")
+    calc.add_argument("--steps", type=positive_int, default=None, help="num_inference_steps passed to the pipeline.")
     calc.add_argument(
         "--timesteps", type=number_list, default=None, help="Explicit timesteps passed to the pipeline, e.g. 999,499."
     )
     calc.add_argument("--guidance_scale", type=float, default=None, help="Guidance scale passed to the pipeline.")
     calc.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="Pipeline weights dtype.")
     calc.add_argument("--save_images", default=None, help="Also save the sampled images to this folder.")
-    calc.add_argument("--k", type=int, default=3, help="Neighbourhood size of precision / recall (default 3).")
-    calc.add_argument("--kid_subsets", type=int, default=100, help="KID subsets (default 100).")
+    calc.add_argument("--k", type=positive_int, default=3, help="Neighbourhood size of precision / recall (default 3).")
+    calc.add_argument("--kid_subsets", type=positive_int, default=100, help="KID subsets (default 100).")
     calc.add_argument("--per_class", action="store_true", help="Also report metrics per class.")
     common(calc)
     return parser

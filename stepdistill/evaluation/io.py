@@ -197,7 +197,9 @@ def load_image(path: str | Path, channels: int | None = None) -> np.ndarray:
     except ImageInputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageInputError(f"Cannot read image {str(path)!r}: {err}. Is the file corrupt or truncated?") from err
+        raise ImageInputError(
+            f"Cannot read image {str(path)!r}: {err}. The file looks corrupt or truncated: save it again or remove it."
+        ) from err
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
