@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_trainer import ToyConfig, ToyTrainer
+from toy_trainer import ToyConfig, ToyTrainer, toy_config, trained_tensors
 
 from stepdistill import utils
 from stepdistill.trainers.checkpointing import TRAINER_STATE, list_checkpoints, recover_checkpoints
@@ -126,20 +126,8 @@ def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def _config(teacher: Path, out: Path, **overrides) -> ToyConfig:
-    base = dict(teacher=str(teacher), output_dir=str(out), max_train_steps=6, train_batch_size=4, lr_warmup_steps=2,
-                checkpointing_steps=2, checkpoints_total_limit=2, log_every=1, eval_num_samples=0,
-                sample_grid_size=4, seed=5, export=False, use_ema=True, intervals=[1, 2], num_threads=1)
-    base.update(overrides)
-    return ToyConfig(**base)
-
-
-def _weights(trainer: ToyTrainer) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in trainer.trainables:
-        out.update({f"{name}.{k}": v.detach().clone() for k, v in trainer.unwrap(name).state_dict().items()})
-    for name, ema in trainer.emas.items():
-        out.update({f"{name}.ema.{i}": p.detach().clone() for i, p in enumerate(ema.shadow_params)})
-    return out
+    return toy_config(teacher, out, **{**dict(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
+                                              use_ema=True, intervals=[1, 2], num_threads=1), **overrides})
 
 
 def test_sigkill_while_writing_a_checkpoint_then_resume_latest_is_bitwise(tiny_teacher, tmp_path):
@@ -169,7 +157,7 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_latest_is_bitwise(tiny_t
     resumed.train()
     assert resumed.global_step == 6 and not half.exists()
     assert json.loads((ckpts / "checkpoint-000006" / TRAINER_STATE).read_text())["global_step"] == 6
-    a, b = _weights(straight), _weights(resumed)
+    a, b = trained_tensors(straight), trained_tensors(resumed)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]

@@ -11,27 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_trainer import ToyConfig, ToyTrainer
+from toy_trainer import ToyTrainer, toy_config, trained_tensors
 
 from stepdistill.trainers.base import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _config(teacher: Path, out: Path, **overrides) -> ToyConfig:
-    base = dict(teacher=str(teacher), output_dir=str(out), max_train_steps=8, train_batch_size=4, lr_warmup_steps=2,
-                checkpointing_steps=0, log_every=1, eval_num_samples=0, sample_grid_size=4, seed=5, export=False)
-    base.update(overrides)
-    return ToyConfig(**base)
-
-
-def _state(trainer: ToyTrainer) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in trainer.trainables:
-        out.update({f"{name}.{k}": v.detach().clone() for k, v in trainer.unwrap(name).state_dict().items()})
-    for name, ema in trainer.emas.items():
-        out.update({f"{name}.ema.{i}": p.detach().clone() for i, p in enumerate(ema.shadow_params)})
-    return out
 
 
 @pytest.mark.parametrize("schedule", [
@@ -42,15 +26,15 @@ def _state(trainer: ToyTrainer) -> dict[str, torch.Tensor]:
 ], ids=["before_checkpoint", "after_checkpoint", "lora_linear_before", "lora_cosine_after"])
 def test_reset_and_freeze_survive_resume_bitwise(tiny_teacher, tmp_path, schedule):
     common = dict(reset_role="a", freeze_role="b", use_ema=True, intervals=[1, 2], **schedule)
-    straight = ToyTrainer(_config(tiny_teacher, tmp_path / "straight", **common))
+    straight = ToyTrainer(toy_config(tiny_teacher, tmp_path / "straight", **common))
     straight.train()
-    killed = ToyTrainer(_config(tiny_teacher, tmp_path / "resumed", checkpointing_steps=4, interrupt_at=5, **common))
+    killed = ToyTrainer(toy_config(tiny_teacher, tmp_path / "resumed", checkpointing_steps=4, interrupt_at=5, **common))
     with pytest.raises(KeyboardInterrupt):  # killed after the checkpoint of iteration 4, one step into the rest
         killed.train()
-    resumed = ToyTrainer(_config(tiny_teacher, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
+    resumed = ToyTrainer(toy_config(tiny_teacher, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
     resumed.train()
     assert resumed.global_step == 8
-    a, b = _state(straight), _state(resumed)
+    a, b = trained_tensors(straight), trained_tensors(resumed)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
@@ -71,7 +55,7 @@ def test_reset_and_freeze_survive_resume_bitwise(tiny_teacher, tmp_path, schedul
 
 
 def test_reset_restores_weights_optimizer_schedule_and_ema_and_freeze_stops_updates(tiny_teacher, tmp_path):
-    trainer = ToyTrainer(_config(tiny_teacher, tmp_path / "run", use_ema=True, lr_warmup_steps=4))
+    trainer = ToyTrainer(toy_config(tiny_teacher, tmp_path / "run", use_ema=True, lr_warmup_steps=4))
     initial = {k: v.clone() for k, v in trainer.unwrap("a").state_dict().items()}
     for step in range(3):
         trainer.training_step(step)
@@ -105,7 +89,7 @@ def test_optimizer_settings_default_to_the_config():
 
 
 def test_per_trainable_settings_param_groups_intervals_and_emas(tiny_teacher, tmp_path):
-    cfg = _config(tiny_teacher, tmp_path / "run", intervals=[1, 3], use_ema=True, adam_weight_decay=0.01,
+    cfg = toy_config(tiny_teacher, tmp_path / "run", intervals=[1, 3], use_ema=True, adam_weight_decay=0.01,
                   group_prefix="model.conv_in.", group_learning_rate=0.1, group_weight_decay=0.5, lr_warmup_steps=0)
     trainer = ToyTrainer(cfg)
     groups = trainer.trainables["a"].optimizer.param_groups
@@ -130,7 +114,7 @@ def test_per_trainable_settings_param_groups_intervals_and_emas(tiny_teacher, tm
 
 
 def test_lora_checkpoint_holds_adapters_once_and_no_merged_networks(tiny_teacher, tmp_path):
-    trainer = ToyTrainer(_config(tiny_teacher, tmp_path / "lora", lora_rank=2, roles=["e0", "e1", "e2"],
+    trainer = ToyTrainer(toy_config(tiny_teacher, tmp_path / "lora", lora_rank=2, roles=["e0", "e1", "e2"],
                                  max_train_steps=1, checkpointing_steps=1))
     trainer.train()
     ckpt = list_checkpoints(tmp_path / "lora" / "checkpoints")[-1]
@@ -142,7 +126,8 @@ def test_lora_checkpoint_holds_adapters_once_and_no_merged_networks(tiny_teacher
         own = trainer.unwrap(role).state_dict()
         assert saved.keys() == own.keys() and all(torch.equal(saved[k], own[k]) for k in own)
     assert not list(ckpt.glob("model*.safetensors"))
-    full = ToyTrainer(_config(tiny_teacher, tmp_path / "full", roles=["e0"], max_train_steps=1, checkpointing_steps=1))
+    full = ToyTrainer(toy_config(tiny_teacher, tmp_path / "full", roles=["e0"], max_train_steps=1,
+                                 checkpointing_steps=1))
     full.train()
     ckpt_full = list_checkpoints(tmp_path / "full" / "checkpoints")[-1]
     assert (ckpt_full / "e0" / "model" / "diffusion_pytorch_model.safetensors").is_file()
@@ -152,7 +137,7 @@ def test_lora_checkpoint_holds_adapters_once_and_no_merged_networks(tiny_teacher
 def test_three_adapters_gradient_checkpointing_matches_plain_training(tiny_teacher, tmp_path):
     results = []
     for gc in (False, True):
-        trainer = ToyTrainer(_config(tiny_teacher, tmp_path / f"gc{gc}", lora_rank=2, roles=["e0", "e1", "e2"],
+        trainer = ToyTrainer(toy_config(tiny_teacher, tmp_path / f"gc{gc}", lora_rank=2, roles=["e0", "e1", "e2"],
                                      gradient_checkpointing=gc))
         assert trainer.layout.adapters.network.is_gradient_checkpointing == gc
         for step in range(2):

@@ -95,6 +95,24 @@ class ToyTrainer(DistillationTrainer):
             time.sleep(600)
 
 
+def toy_config(teacher: Path | str, out: Path | str, **overrides) -> ToyConfig:
+    """The tests' small toy run: 8 iterations at batch 4, every value logged, no export; ``overrides`` win."""
+    base = dict(teacher=str(teacher), output_dir=str(out), max_train_steps=8, train_batch_size=4, lr_warmup_steps=2,
+                checkpointing_steps=0, log_every=1, eval_num_samples=0, sample_grid_size=4, seed=5, export=False)
+    base.update(overrides)
+    return ToyConfig(**base)
+
+
+def trained_tensors(trainer: DistillationTrainer) -> dict[str, torch.Tensor]:
+    """Copies of every trainable's weights and EMA weights, by name (for bitwise comparisons of runs)."""
+    out = {}
+    for name in trainer.trainables:
+        out.update({f"{name}.{k}": v.detach().clone() for k, v in trainer.unwrap(name).state_dict().items()})
+    for name, ema in trainer.emas.items():
+        out.update({f"{name}.ema.{i}": p.detach().clone() for i, p in enumerate(ema.shadow_params)})
+    return out
+
+
 if __name__ == "__main__":
     from stepdistill.configs import parse_config
 
