@@ -95,7 +95,8 @@ def main(teacher: str, out: Path) -> None:
     hashes["straight"], fsdp_weights = _digest(straight)
     sharded_types = sorted({type(straight.unwrap(n)).__name__ for n in straight.trainables})
     checkpoint = out / "straight" / "checkpoints" / "checkpoint-000001"
-    resumed = _dmd(teacher, out / "resumed", cpu_fsdp2_accelerator(), resume_from_checkpoint=str(checkpoint))
+    resumed = _dmd(teacher, out / "resumed", cpu_fsdp2_accelerator(), resume_from_checkpoint=str(checkpoint),
+                   export=False)
     hashes["resumed"], _ = _digest(resumed)
     try:
         ToyTrainer(ToyConfig(teacher=teacher, output_dir=str(out / "lora"), lora_rank=2, cpu=True),
@@ -104,7 +105,7 @@ def main(teacher: str, out: Path) -> None:
     except ValueError as err:
         lora_refusal = str(err)
     _set_distributed_type(DistributedType.MULTI_CPU)
-    ddp = _dmd(teacher, out / "ddp", _keep_process_group(Accelerator(cpu=True)))
+    ddp = _dmd(teacher, out / "ddp", _keep_process_group(Accelerator(cpu=True)), export=False, checkpointing_steps=0)
     hashes["ddp"], ddp_weights = _digest(ddp)
     if not ddp.accelerator.is_main_process:
         return

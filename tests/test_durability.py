@@ -78,10 +78,13 @@ def test_replacement_killed_between_the_renames_keeps_the_old_checkpoint(tmp_pat
     new.mkdir()
     (new / "weights.bin").write_text("new")
     marker = tmp_path / "between"
+    (new / TRAINER_STATE).write_text('{"global_step": 4}')  # what commit_checkpoint writes before replace_dir
     script = textwrap.dedent(f"""
-        import os, time
+        import importlib.util, os, time
         from pathlib import Path
-        from stepdistill.trainers.checkpointing import commit_checkpoint
+        spec = importlib.util.spec_from_file_location("utils", {str(Path(utils.__file__))!r})  # no package import
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
         real = os.replace
         def replace(src, dst):
             real(src, dst)
@@ -89,7 +92,7 @@ def test_replacement_killed_between_the_renames_keeps_the_old_checkpoint(tmp_pat
                 Path({str(marker)!r}).write_text("x")
                 time.sleep(600)
         os.replace = replace
-        commit_checkpoint(Path({str(new)!r}), Path({str(old)!r}), {{"global_step": 4}})
+        module.replace_dir(Path({str(new)!r}), Path({str(old)!r}))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, start_new_session=True)
     try:
@@ -126,7 +129,7 @@ def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def _config(teacher: Path, out: Path, **overrides) -> ToyConfig:
-    return toy_config(teacher, out, **{**dict(max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
+    return toy_config(teacher, out, **{**dict(max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=2,
                                               use_ema=True, intervals=[1, 2], num_threads=1), **overrides})
 
 
@@ -134,7 +137,7 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_latest_is_bitwise(tiny_t
     straight = ToyTrainer(_config(tiny_teacher, tmp_path / "straight"))
     straight.train()
     out = tmp_path / "killed"
-    flags = [f"--{k}={v}" for k, v in dict(teacher=tiny_teacher, output_dir=out, max_train_steps=6,
+    flags = [f"--{k}={v}" for k, v in dict(teacher=tiny_teacher, output_dir=out, max_train_steps=4,
                                            train_batch_size=4, lr_warmup_steps=2, checkpointing_steps=2,
                                            log_every=1, eval_num_samples=0, sample_grid_size=4, seed=5,
                                            export="false", use_ema="true", num_threads=1,
@@ -155,8 +158,8 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_latest_is_bitwise(tiny_t
     assert list_checkpoints(ckpts) == [ckpts / "checkpoint-000002"]
     resumed = ToyTrainer(_config(tiny_teacher, out, resume_from_checkpoint="latest"))
     resumed.train()
-    assert resumed.global_step == 6 and not half.exists()
-    assert json.loads((ckpts / "checkpoint-000006" / TRAINER_STATE).read_text())["global_step"] == 6
+    assert resumed.global_step == 4 and not half.exists()
+    assert json.loads((ckpts / "checkpoint-000004" / TRAINER_STATE).read_text())["global_step"] == 4
     a, b = trained_tensors(straight), trained_tensors(resumed)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
