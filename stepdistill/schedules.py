@@ -126,8 +126,9 @@ class NoiseSchedule(ABC):
         if not torch.is_tensor(t):
             t = torch.as_tensor(t, dtype=torch.float64)
         device = torch.device(device) if device is not None else t.device
-        # Cast before moving: MPS has no float64, so a float64 tensor cannot be sent there first.
-        t = t.to(_work_dtype(device)).to(device)
+        # Cast before moving: MPS has no float64, so a float64 tensor cannot be sent there first. The checks run
+        # before the move, where ``t`` lives (the host, for numbers and CPU tensors): no accelerator sync.
+        t = t.to(_work_dtype(device))
         if t.ndim > 1:
             raise ValueError(f"Timesteps must be a scalar or a 1-D tensor, got shape {tuple(t.shape)}.")
         if torch.isnan(t).any():
@@ -144,16 +145,24 @@ class NoiseSchedule(ABC):
                 raise ValueError(
                     f"Got {t.shape[0]} timesteps for a batch of {batch_size}: give one timestep, or one per sample."
                 )
-        return t
+        return t.to(device)
 
     def alpha_sigma(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(alpha_t, sigma_t)`` as float64 tensors with the shape of ``t``.
 
         Args:
             t: Timesteps in the schedule's units.
-            device: Device of the result.
+            device: Device of the result. The coefficients are computed where ``t`` lives (the host for numbers
+                and CPU tensors, so no accelerator sync and no table copy) and then moved, except on devices
+                without float64 (MPS), where they are computed there in float32.
         """
-        return self._alpha_sigma(self.as_timesteps(t, device=device))
+        device = torch.device(device) if device is not None else None
+        if device is not None and _work_dtype(device) != torch.float64:
+            return self._alpha_sigma(self.as_timesteps(t, device=device))
+        alpha, sigma = self._alpha_sigma(self.as_timesteps(t))
+        if device is None:
+            return alpha, sigma
+        return alpha.to(device), sigma.to(device)
 
     def log_snr(self, t: TimestepLike) -> torch.Tensor:
         """Return ``log(alpha_t^2 / sigma_t^2)`` (``+inf`` at clean data)."""
@@ -190,10 +199,10 @@ class NoiseSchedule(ABC):
             ``(x0, eps)`` in float32 (float64 if an input was float64).
         """
         out_dtype = _out_dtype(model_output, x_t)
-        alpha, sigma = self.alpha_sigma(t, device=x_t.device)
+        alpha, sigma = self.alpha_sigma(t, device=None if _work_dtype(x_t.device) == torch.float64 else x_t.device)
         wd = alpha.dtype
-        a, s = _expand(alpha, x_t), _expand(sigma, x_t)
-        y, x = model_output.to(wd), x_t.to(wd)
+        a, s = _expand(alpha, x_t), _expand(sigma, x_t)  # moved to x_t's device here; the check below reads alpha
+        y, x = model_output.to(wd), x_t.to(wd)  # where t lives (the host for numbers): no accelerator sync
         kind = self.prediction_type
         if kind == "epsilon":
             if bool((alpha == 0).any()):
