@@ -68,6 +68,20 @@ def diffusers_hook(module: nn.Module, name: str) -> Any:
     return registry.get_hook(name) if registry is not None else None
 
 
+def _casting_dtype(module: nn.Module) -> torch.dtype | None:
+    """The compute dtype of a diffusers layerwise-casting hook on ``module`` itself, or ``None``."""
+    if "_diffusers_hook" not in module.__dict__:
+        return None
+    hook = diffusers_hook(module, "layerwise_casting")
+    return hook.compute_dtype if hook is not None else None
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the network computes in (what inputs and conditioning are cast to).
 
@@ -76,15 +90,13 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     layer; the casting hook records that compute dtype, which is what inputs must be cast to. Otherwise it is the
     first parameter's dtype (float32 for parameter-free callables).
     """
-    if isinstance(model, nn.Module):
-        for module in submodules(model):  # the hook sits on each cast layer (diffusers' get_parameter_dtype reads it)
-            if "_diffusers_hook" in module.__dict__:
-                hook = diffusers_hook(module, "layerwise_casting")
-                if hook is not None:
-                    return hook.compute_dtype
-        for p in model.parameters():
-            return p.dtype
-    return torch.float32
+    if not isinstance(model, nn.Module):
+        return torch.float32
+    for module in submodules(model):  # the hook sits on each cast layer (diffusers' get_parameter_dtype reads it)
+        dtype = _casting_dtype(module)
+        if dtype is not None:
+            return dtype
+    return _parameter_dtype(model)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -136,6 +148,9 @@ class Denoiser(nn.Module):
                 "cross_attention_kwargs for this network."
             )
         self.attention_kwargs = dict(attention_kwargs) if attention_kwargs else None
+        #: The compute dtype when fixed by the caller (a pipeline call that has already walked the network);
+        #: ``None``: looked up on every call, as the network may be cast or hooked between calls.
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -145,7 +160,7 @@ class Denoiser(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the wrapped network computes in (the compute dtype under diffusers' layerwise casting)."""
-        return _model_dtype(self.model)
+        return self.compute_dtype if self.compute_dtype is not None else _model_dtype(self.model)
 
     @property
     def device(self) -> torch.device:

@@ -25,7 +25,15 @@ from diffusers import ModelMixin, SchedulerMixin
 from torch import nn
 
 from ..conditioning import Conditioning
-from ..denoiser import Denoiser, DenoiserOutput, _model_device, diffusers_hook, submodules
+from ..denoiser import (
+    Denoiser,
+    DenoiserOutput,
+    _casting_dtype,
+    _model_device,
+    _parameter_dtype,
+    diffusers_hook,
+    submodules,
+)
 from ..sampling import Generator, StepPlan, initial_noise, run_step_plan
 from ..schedules import NoiseSchedule
 
@@ -152,11 +160,14 @@ class StepDistillPipelineMixin:
         """The device a call runs on (evaluated once per call): diffusers' ``_execution_device``, without its cost.
 
         diffusers' property walks every module of every component three times looking for offload hooks (about
-        3 ms for the digits UNet on a CPU: half the one-step student's forward at batch 1). One walk of the module
-        tree finds whether any accelerate or group-offloading hook is present; only then is ``_execution_device``
-        read (its answer is the hooks' execution device). Without hooks the answer is diffusers' ``device`` rule:
-        the first component on an accelerator, else the first component's device. Networks that are not diffusers
-        models (diffusers' lookup reads ``module.device``, which only its own models have) give their own device.
+        3 ms for the digits UNet on a CPU: half the one-step student's forward at batch 1). Here one walk of the
+        module trees finds whether any accelerate or group-offloading hook is present -- only then is
+        ``_execution_device`` read (its answer is the hooks' execution device) -- and, on the same walk, the
+        compute dtype of ``denoiser``'s network (diffusers' layerwise casting), which is pinned on ``denoiser`` for
+        the call (pipelines build their denoisers per call) so that its forward does not walk the network again.
+        Without hooks the answer is diffusers' ``device`` rule: the first component on an accelerator, else the
+        first component's device. Networks that are not diffusers models (diffusers' lookup reads
+        ``module.device``, which only its own models have) give their own device.
         """
         if not isinstance(denoiser.model, ModelMixin):
             return denoiser.device
@@ -164,7 +175,20 @@ class StepDistillPipelineMixin:
         if names is None:  # diffusers reads them from the __init__ signature on every access
             names = _SIGNATURE_KEYS[type(self)] = tuple(self._get_signature_keys(self)[0])
         modules = [m for m in (getattr(self, n, None) for n in names) if isinstance(m, nn.Module)]
-        if any(_has_offload_hooks(m) for m in modules):
+        hooked, casting = False, None
+        for component in modules:
+            network = component is denoiser.model and denoiser.compute_dtype is None
+            for module in submodules(component):
+                attributes = module.__dict__
+                if "_hf_hook" in attributes:
+                    hooked = True
+                elif "_diffusers_hook" in attributes:
+                    hooked = hooked or diffusers_hook(module, "group_offloading") is not None
+                    if network and casting is None:
+                        casting = _casting_dtype(module)
+            if network:
+                denoiser.compute_dtype = casting if casting is not None else _parameter_dtype(component)
+        if hooked:
             return self._execution_device
         devices = [_model_device(m) for m in modules]
         return next((d for d in devices if d.type not in ("cpu", "meta")), devices[0] if devices else denoiser.device)
@@ -562,17 +586,6 @@ class StepDistillPipelineMixin:
 
 
 # ----------------------------------------------------------------------------------------------------
-def _has_offload_hooks(model: nn.Module) -> bool:
-    """Whether any module of ``model`` carries an accelerate hook (CPU offload) or a diffusers group-offload hook."""
-    for module in submodules(model):
-        attributes = module.__dict__
-        if "_hf_hook" in attributes:
-            return True
-        if "_diffusers_hook" in attributes and diffusers_hook(module, "group_offloading") is not None:
-            return True
-    return False
-
-
 def _check_count(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
