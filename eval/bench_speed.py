@@ -121,8 +121,8 @@ def digits_pipelines(device: torch.device, dtype: torch.dtype):
     from stepdistill.data.digits_models import teacher_path
     from stepdistill.pipelines import HybridDiversityPipeline, StepDistillPipeline
 
-    unet = UNet2DModel.from_pretrained(str(teacher_path()), subfolder="unet").to(device, dtype).eval()
-    base = UNet2DModel.from_pretrained(str(teacher_path()), subfolder="unet").to(device, dtype).eval()
+    unet = UNet2DModel.from_pretrained(str(teacher_path()), subfolder="unet", torch_dtype=dtype).to(device).eval()
+    base = UNet2DModel.from_pretrained(str(teacher_path()), subfolder="unet", torch_dtype=dtype).to(device).eval()
     teacher_sched = DDIMScheduler.from_pretrained(str(teacher_path()), subfolder="scheduler")
     ours = StepDistillPipeline(unet=unet, scheduler=LCMScheduler.from_config(teacher_sched.config), null_class_label=10)
     stock = ConsistencyModelPipeline(unet=unet, scheduler=CMStochasticIterativeScheduler())
@@ -136,7 +136,8 @@ def digits_pipelines(device: torch.device, dtype: torch.dtype):
 def latent_pipelines(device: torch.device, dtype: torch.dtype, size: str):
     """A latent student's network and VAE from configs (random weights) and what builds its pipelines.
 
-    ``size="tiny"``: a small SD1.5-shaped UNet on 4x8x8 latents; ``"sd15"``: SD1.5's UNet and VAE configs.
+    ``size="tiny"``: a small SD1.5-shaped UNet on 4x8x8 latents with 16-token prompts; ``"sd15"``: SD1.5's UNet and
+    VAE configs with 77-token prompts.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -154,7 +155,7 @@ def latent_pipelines(device: torch.device, dtype: torch.dtype, size: str):
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
                             latent_channels=4, norm_num_groups=4, sample_size=16)
-        text_shape = (77, 32)
+        text_shape = (16, 32)  # a short prompt: 16 tokens
     else:  # SD1.5's UNet and VAE configs (random weights, ~860M UNet parameters)
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
@@ -508,7 +509,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the SD1.5-size items (untested).")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1).")
-    parser.add_argument("--rounds", type=int, default=7, help="Interleaved rounds per inference case.")
+    parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds per inference case.")
     parser.add_argument("--train-rounds", type=int, default=5, help="Interleaved rounds per training mode.")
     parser.add_argument("--min-time", type=float, default=0.05, help="Seconds each timed measurement lasts at least.")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4], choices=[1, 4])

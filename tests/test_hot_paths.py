@@ -175,3 +175,16 @@ def test_logged_window_means_are_those_of_every_iteration(tiny_teacher, tmp_path
             assert r[key] == (a[key] + b[key]) / 2, key
         # loss/dm exists on generator turns (iterations 0 and 2, logged as steps 1 and 3): one value per window
         assert r["loss/dm"] == a["loss/dm"]
+
+
+def test_conditioning_to_rebuilds_nothing_already_in_place():
+    from stepdistill import Conditioning
+
+    neg = Conditioning(prompt_embeds=torch.zeros(2, 3, 4))
+    cond = Conditioning(prompt_embeds=torch.ones(2, 3, 4), negative=neg)
+    assert cond.to("cpu") is cond and cond.to(torch.device("cpu"), torch.float32) is cond
+    moved = cond.to(dtype=torch.float64)
+    assert moved is not cond and moved.prompt_embeds.dtype == moved.negative.prompt_embeds.dtype == torch.float64
+    labels = Conditioning(class_labels=torch.tensor([1, 2]), null_class_label=10)
+    assert labels.to("cpu", torch.float16) is labels  # integer labels are never cast
+    assert labels.to("meta") is not labels and labels.to("meta").class_labels.device.type == "meta"
