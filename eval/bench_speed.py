@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -462,7 +463,8 @@ def markdown(result: dict) -> str:
         "# bench_speed",
         "",
         f"`{result['command']}` -- device {env['device']}, {env['threads']} thread(s), torch {env['torch']}, "
-        f"load average before / after: {env['load_before']} / {env['load_after']}, {result['wall_seconds']:.0f} s.",
+        f"{env['cpu_count']} CPUs shared with other jobs: load average (1, 5, 15 min) before {env['load_before']}, "
+        f"after {env['load_after']}; {result['wall_seconds']:.0f} s.",
         "Ratios are paired within a round (every callable timed once per round, rotating order); median over "
         f"{result['rounds']} rounds, [min, max] in brackets.",
         "",
@@ -534,8 +536,7 @@ def main() -> None:
     load_before = os.getloadavg()
     start = time.time()
     result = {
-        "command": "python eval/bench_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in (("device", args.device), ("threads", args.threads))),
+        "command": " ".join(["python eval/bench_speed.py", *sys.argv[1:]]),
         "environment": {"device": str(device) if not cuda else torch.cuda.get_device_name(device),
                         "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
                         "cpu_count": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
