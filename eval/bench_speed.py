@@ -251,6 +251,60 @@ def inference_cases(args, device: torch.device, dtype: torch.dtype) -> list[dict
     return rows
 
 
+def _stub(network: torch.nn.Module, sample: torch.Tensor) -> None:
+    """Replace ``network``'s forward by one that returns ``sample`` at once (the call's cost without the network)."""
+    from types import SimpleNamespace
+
+    def forward(*args, return_dict: bool = True, **kwargs):
+        return SimpleNamespace(sample=sample) if return_dict else (sample,)
+
+    network.forward = forward
+
+
+def overhead_cases(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Milliseconds per call with the network replaced by a stub: what a pipeline costs around its network.
+
+    Independent of the network's size and of how loaded the machine's arithmetic units are, this is the absolute
+    figure behind the ratios (overhead / forward time), measured for one-step students at batch 1 and 16.
+    """
+    from stepdistill.sampling import make_generators
+
+    rows = []
+    ours_gen = lambda: {"generator": make_generators([0])[0]}  # noqa: E731
+    stock_gen = lambda: {"generator": torch.Generator(device).manual_seed(0)}  # noqa: E731
+    for batch in (1, 16):
+        unet, _, ours, stock, _ = digits_pipelines(device, dtype)
+        _stub(unet, torch.zeros(batch, 1, 8, 8, device=device, dtype=dtype))
+        labels = [i % 10 for i in range(batch)]
+        fns = {"stepdistill": _call(ours, ours_gen, class_labels=labels, timesteps=[999], output_type="pt"),
+               "stock": _call(stock, stock_gen, batch_size=batch, class_labels=labels, num_inference_steps=1,
+                              output_type="pt")}
+        times = interleaved(fns, device, args.rounds, args.min_time)
+        rows.append({"student": "pixel (digits UNet2DModel)", "batch": batch, "seconds": times,
+                     "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}})
+        unet, vae, text_shape, teacher_sched, StepDistillPipeline, StableDiffusionPipeline, lcm_for = (
+            latent_pipelines(device, dtype, args.latent_size))
+        size = unet.config.sample_size
+        _stub(unet, torch.zeros(batch, 4, size, size, device=device, dtype=dtype))
+        sched = lcm_for(teacher_sched.config, [999])
+        ours = StepDistillPipeline(unet=unet, scheduler=sched, vae=vae, default_timesteps=[999])
+        stock = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
+                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        for pipe in (ours, stock):
+            pipe.set_progress_bar_config(disable=True)
+        emb = torch.randn(batch, *text_shape, device=device, dtype=dtype)
+        fns = {"stepdistill": _call(ours, ours_gen, prompt_embeds=emb, timesteps=[999], output_type="latent"),
+               "stock": _call(stock, stock_gen, prompt_embeds=emb, timesteps=[999], guidance_scale=0.0,
+                              output_type="latent")}
+        times = interleaved(fns, device, args.rounds, args.min_time)
+        rows.append({"student": f"latent ({args.latent_size} SD UNet2DConditionModel)", "batch": batch,
+                     "seconds": times, "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}})
+    for r in rows:
+        print(f"overhead {r['student']} batch={r['batch']}: " + ", ".join(
+            f"{k} {v:.3f} ms" for k, v in r["median_ms"].items()), flush=True)
+    return rows
+
+
 def _row(student: str, steps: int, batch: int, times: dict[str, list[float]]) -> dict:
     row = {"student": student, "steps": steps, "batch": batch, "seconds": times,
            "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}}
@@ -473,9 +527,15 @@ def markdown(result: dict) -> str:
         "| student | steps | batch | raw ms | stepdistill / raw | stock diffusers / raw |",
         "|---|---|---|---|---|---|",
     ]
-    for r in result["inference"]:
+    for r in result.get("inference", []):
         lines.append(f"| {r['student']} | {r['steps']} | {r['batch']} | {r['median_ms']['raw']:.2f} | "
                      f"{_fmt_ratio(r, 'stepdistill/raw')} | {_fmt_ratio(r, 'stock/raw')} |")
+    if result.get("overhead"):
+        lines += ["", "## Per-call overhead: one-step call with the network replaced by a stub (ms per call)", "",
+                  "| student | batch | stepdistill ms | stock diffusers ms |", "|---|---|---|---|"]
+        for r in result["overhead"]:
+            m = r["median_ms"]
+            lines.append(f"| {r['student']} | {r['batch']} | {m['stepdistill']:.3f} | {m['stock']:.3f} |")
     lines += ["", "Stock pipelines: `StableDiffusionPipeline` + `LCMScheduler` for the latent student (the export); "
               "`ConsistencyModelPipeline` for the class-conditional pixel UNet, which has no stock text-to-image "
               "pipeline.", ""]
@@ -508,6 +568,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     """Run the benchmark and write ``bench_speed.{json,md}``."""
+    import stepdistill
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the SD1.5-size items (untested).")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1).")
@@ -523,6 +585,10 @@ def main() -> None:
                         choices=["full", "lora", "checkpointing"])
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (cuda default).")
     parser.add_argument("--compile", action="store_true", help="Also time torch.compile of the latent network.")
+    parser.add_argument("--sections", nargs="+", default=["overhead", "inference", "training"],
+                        choices=["overhead", "inference", "training"],
+                        help="What to run (the overhead section also runs on older stepdistill versions: compare "
+                             "them by pointing PYTHONPATH at each checkout).")
     parser.add_argument("--out-dir", default=str(ROOT / "eval/results"))
     parser.add_argument("--name", default="bench_speed", help="Output file stem.")
     args = parser.parse_args()
@@ -542,11 +608,16 @@ def main() -> None:
                         "cpu_count": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                         "dtype": str(dtype)},
         "rounds": args.rounds, "min_time": args.min_time,
+        "stepdistill": str(Path(stepdistill.__file__).parent),  # which checkout was measured
     }
-    result["inference"] = inference_cases(args, device, dtype)
-    if cuda:
-        result["speedup"] = speedup_case(args, device, dtype)
-    result["training"] = [training_case(m, args, device) for m in args.train_modes]
+    if "overhead" in args.sections:
+        result["overhead"] = overhead_cases(args, device, dtype)
+    if "inference" in args.sections:
+        result["inference"] = inference_cases(args, device, dtype)
+        if cuda:
+            result["speedup"] = speedup_case(args, device, dtype)
+    if "training" in args.sections:
+        result["training"] = [training_case(m, args, device) for m in args.train_modes]
     result["wall_seconds"] = time.time() - start
     result["environment"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out_dir)
