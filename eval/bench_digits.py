@@ -78,11 +78,14 @@ def default_guidance_scale(teacher: Path) -> float:
 
 
 class CallCounter:
-    """Counts the rows a network processes (per-sample NFE = rows / samples), via a forward pre-hook."""
+    """Counts the rows the networks process (per-sample NFE = rows / samples), via forward pre-hooks.
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    Several modules (a phased-experts pipeline's experts) share one count.
+    """
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
         self.rows = 0
-        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in modules]
 
     def _hook(self, module, args, kwargs) -> None:
         x = args[0] if args else next(iter(kwargs.values()))
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for name, path, timesteps in args.student:
         pipe = load_pipeline(path, device=device)
-        rows.append((f"{name}", student_sampler(pipe, timesteps), CallCounter(pipe.unet)))
+        networks = getattr(pipe, "experts", None) or [pipe.unet]  # PhasedExpertsPipeline: every expert
+        rows.append((f"{name}", student_sampler(pipe, timesteps), CallCounter(*networks)))
 
     # 3. The fidelity reference: the teacher's own samples with other noise
     fid_ref_images = teacher_sampler(args.reference_steps)([FIDELITY_SEED + k for k in range(n)])

@@ -3,6 +3,7 @@
 from ..configs import parse_config
 from .base import DistillationTrainer, NonFiniteLossError, OptimizerSettings, ParamGroup, TrainerConfig
 from .dmd import DMDConfig, DMDTrainer
+from .phased_dmd import PhasedDMDConfig, PhasedDMDTrainer
 
 __all__ = [
     "DMDConfig",
@@ -11,6 +12,8 @@ __all__ = [
     "NonFiniteLossError",
     "OptimizerSettings",
     "ParamGroup",
+    "PhasedDMDConfig",
+    "PhasedDMDTrainer",
     "TrainerConfig",
     "parse_config",
 ]
