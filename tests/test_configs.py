@@ -13,6 +13,7 @@ import pytest
 from stepdistill.configs import ConfigParser, field_value_parser, parse_config, parse_configs
 from stepdistill.trainers.digits_world import ClassifierConfig, TeacherConfig
 from stepdistill.trainers.dmd import DMDConfig
+from stepdistill.trainers.msd import MSDConfig
 from stepdistill.trainers.style_lora import StyleLoraConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,8 @@ def test_every_shipped_recipe_parses():
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes
     for recipe in recipes:
-        parse_config(DMDConfig, ["--config", str(recipe)])
+        config_cls = MSDConfig if recipe.name.startswith("digits_msd") else DMDConfig
+        parse_config(config_cls, ["--config", str(recipe)])
 
 
 def test_unknown_recipe_key_names_the_valid_keys(tmp_path):

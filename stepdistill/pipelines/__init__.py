@@ -22,6 +22,7 @@ from .export import (
 )
 from .mixin import StepDistillPipelineMixin
 from .pipeline_hybrid import HybridDiversityPipeline, HybridDiversityPipelineOutput, HybridPlan, sample_hybrid
+from .pipeline_routed import MAX_STUDENTS, RoutedPipelineOutput, RoutedStudentsPipeline
 from .pipeline_stepdistill import (
     StepDistillPipeline,
     StepDistillPipelineOutput,
@@ -30,7 +31,7 @@ from .pipeline_stepdistill import (
 
 
 def register_with_diffusers() -> None:
-    """Expose :class:`StepDistillPipeline` (and :class:`HybridDiversityPipeline`) as attributes of ``diffusers``.
+    """Expose :class:`StepDistillPipeline` (and the hybrid / routed pipelines) as attributes of ``diffusers``.
 
     ``DiffusionPipeline.from_pretrained(folder)`` resolves the ``_class_name`` of ``model_index.json`` as an
     attribute of the ``diffusers`` module (custom classes otherwise need ``custom_pipeline=`` and
@@ -40,7 +41,7 @@ def register_with_diffusers() -> None:
     """
     import diffusers
 
-    for cls in (StepDistillPipeline, HybridDiversityPipeline):
+    for cls in (StepDistillPipeline, HybridDiversityPipeline, RoutedStudentsPipeline):
         if getattr(diffusers, cls.__name__, None) is None:
             setattr(diffusers, cls.__name__, cls)
 
@@ -52,6 +53,9 @@ __all__ = [
     "HybridDiversityPipeline",
     "HybridDiversityPipelineOutput",
     "HybridPlan",
+    "MAX_STUDENTS",
+    "RoutedPipelineOutput",
+    "RoutedStudentsPipeline",
     "StepDistillPipeline",
     "StepDistillPipelineMixin",
     "StepDistillPipelineOutput",
