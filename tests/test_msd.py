@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from stepdistill.pipelines import RoutedStudentsPipeline, StepDistillPipeline
 from stepdistill.sampling import make_generators
 from stepdistill.trainers.msd import MSDConfig, MSDStudentTrainer, MSDTrainer, TSMTrainer, smaller_network
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 
@@ -218,3 +222,22 @@ def test_msd_command_bad_inputs_are_one_line(tiny_teacher, tmp_path, capsys):
     fails(["--output_dir", str(tmp_path / "c"), "--partition_dir", str(other)], "made for another teacher")
     fails(["--output_dir", str(tmp_path / "d"), "--tsm_steps", "4"], "tsm_steps is for smaller students")
     fails(["--output_dir", str(tmp_path / "e"), "--assemble_only", "true"], "are not trained yet", "--student_index")
+
+
+def test_accelerate_launch_trains_every_student_with_ddp(tiny_teacher, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "training_scripts" / "train_msd.py"),
+        "--teacher", str(tiny_teacher), "--output_dir", str(out), "--num_students", "2", "--max_train_steps", "4",
+        "--train_batch_size", "2", "--critic_updates_per_generator_update", "1", "--lr_warmup_steps", "0",
+        "--eval_num_samples", "0", "--checkpointing_steps", "0", "--student_timesteps", "399", "--num_threads", "1",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for k in range(2):
+        sums = json.loads((out / "students" / f"student_{k}" / "train_summary.json").read_text())["param_checksums"]
+        assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=0, abs=1e-9)  # the ranks agree
+    assert RoutedStudentsPipeline.from_pretrained(out / "student").num_students == 2

@@ -206,8 +206,12 @@ class RoutedStudentsPipeline(DiffusionPipeline, StepDistillPipelineMixin):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: Return a :class:`RoutedPipelineOutput` instead of ``(images, routes)``.
         """
-        if self.partition is None:
-            raise PartitionError("This pipeline has no partition: load it with from_pretrained or call set_partition.")
+        if self.partition is None:  # loaded by DiffusionPipeline.from_pretrained: the partition is in the folder
+            folder = Path(str(getattr(self.config, "_name_or_path", "") or "."))
+            if not (folder / PARTITION_JSON).is_file():
+                raise PartitionError("This pipeline has no partition: load it with RoutedStudentsPipeline."
+                                     "from_pretrained(folder) or call set_partition(...).")
+            self.set_partition(ConditionPartition.load(folder))
         self._guidance_scale, self._do_classifier_free_guidance, self._cross_attention_kwargs = 1.0, False, None
         dens = [Denoiser.from_model(net, self.schedule) for net in self.students()]
         ts = self._resolve_timesteps(None, timesteps, 1)

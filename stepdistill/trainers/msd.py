@@ -313,7 +313,10 @@ class MSDTrainer:
     """
 
     def __init__(self, config: MSDConfig, teacher: Denoiser | None = None) -> None:
+        from accelerate import PartialState
+
         from ..loading import load_denoiser
+        from ..utils import runs_on_cpu
 
         self.config = config
         self.output_dir = Path(config.output_dir)
@@ -322,6 +325,7 @@ class MSDTrainer:
         self.teacher_override = teacher
         self.teacher = teacher if teacher is not None else load_denoiser(config.teacher)
         self.identity = {"teacher": _teacher_identity(self.teacher)}
+        self.state = PartialState(cpu=runs_on_cpu(config.cpu))  # processes of `accelerate launch` (DDP per student)
         self.partition = self.make_partition()
 
     # ------------------------------------------------------------------------------------------------
@@ -340,8 +344,9 @@ class MSDTrainer:
             self._check_covers(part)
         else:
             part = self.build_partition()
-        if not (saved / "partition.json").is_file():
+        if not (saved / "partition.json").is_file() and self.state.is_main_process:
             part.save(saved)
+        self.state.wait_for_everyone()
         return part
 
     def _class_count(self) -> tuple[int, int | None]:
@@ -405,9 +410,11 @@ class MSDTrainer:
             init = smaller_network(self.teacher.model, cfg)
             if cfg.tsm_steps > 0:
                 tsm = TSMTrainer(cfg, init, predicate, teacher=self._fresh_teacher())
+                tsm.keep_process_group = True
                 tsm_summary = tsm.train()
                 init = tsm.standalone_network("student")
         student = MSDStudentTrainer(cfg, self.partition, init, teacher=self._fresh_teacher())
+        student.keep_process_group = True
         summary = student.train()
         if tsm_summary is not None:
             summary["tsm"] = {k: tsm_summary[k] for k in ("final_metrics", "train_seconds", "global_step")}
@@ -426,7 +433,11 @@ class MSDTrainer:
                                                  "balance": self.partition.balance}, "students": {}}
         for k in indices:
             summary["students"][k] = self.train_student(k)
+        self.state.wait_for_everyone()
         ready = [(self.student_dir(k) / "student" / "model_index.json").is_file() for k in range(cfg.num_students)]
+        self.state.destroy_process_group()
+        if not self.state.is_main_process:
+            return summary
         if cfg.export and all(ready):
             summary["student"] = str(assemble_routed_pipeline(self.output_dir, self.partition,
                                                               self.identity["teacher"]))
