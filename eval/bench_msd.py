@@ -49,6 +49,11 @@ TRAIN_COMMANDS = [
     "stepdistill train msd --config recipes/digits_msd4_small_tsm.yaml --output_dir runs/msd_k4_small_tsm",
     "stepdistill train msd --config recipes/digits_msd4_small_tsm.yaml --tsm_steps 0 --output_dir "
     "runs/msd_k4_small_notsm",
+    "stepdistill train msd --config recipes/digits_msd4_1step.yaml --num_students 1 --seed 1 --output_dir "
+    "runs/msd_k1_seed1",
+    "stepdistill train msd --config recipes/digits_msd4_1step.yaml --seed 1 --output_dir runs/msd_k4_seed1",
+    "stepdistill train msd --config recipes/digits_msd4_small_tsm.yaml --num_students 1 --output_dir "
+    "runs/msd_k1_small_tsm",
 ]
 
 

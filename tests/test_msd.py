@@ -241,3 +241,20 @@ def test_accelerate_launch_trains_every_student_with_ddp(tiny_teacher, tmp_path)
         sums = json.loads((out / "students" / f"student_{k}" / "train_summary.json").read_text())["param_checksums"]
         assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=0, abs=1e-9)  # the ranks agree
     assert RoutedStudentsPipeline.from_pretrained(out / "student").num_students == 2
+
+
+def test_bench_msd_smoke(tiny_teacher, tmp_path, capsys):
+    import importlib.util
+
+    MSDTrainer(_config(tiny_teacher, tmp_path / "run", max_train_steps=2)).train()
+    spec = importlib.util.spec_from_file_location("bench_msd", ROOT / "eval" / "bench_msd.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    student = str(tmp_path / "run" / "student")
+    payload = bench.main(["--num_samples", "70", "--seeds", "2", "--model", f"a={student}", "--model",
+                          f"b={student}", "--pair", "a:b", "--latency", "a:b", "--out", str(tmp_path / "b.json")])
+    assert [r["name"] for r in payload["rows"]] == ["real (train split)", "a", "b"]
+    assert payload["pairs"][0]["differences"] == [0.0, 0.0]  # the same model, the same seeds and labels
+    assert payload["pairs"][0]["verdict"] == "not resolved"
+    assert payload["latency"][0]["param_ratio"] == 1.0 and payload["latency"][0]["ms_a"] > 0
+    assert "| a vs b |" in payload["markdown"] and json.loads((tmp_path / "b.json").read_text())["rows"]
