@@ -256,6 +256,49 @@ def test_calc_refuses_bad_inputs(world, tmp_path, capsys):
           capsys, "not found", out)  # fmt: skip
 
 
+def test_calc_prints_intervals_fid_inf_and_the_floor(world, tmp_path, capsys):
+    write_digits(tmp_path / "gen", 200, nested=False)  # FID_inf needs >= 2.5 x 64 samples
+    out = tmp_path / "m.json"
+    assert run(["calc", "--ref", str(world / "ref.npz"), "--images", str(tmp_path / "gen"), "--bootstrap", "40",
+                "--floor", "digits:train", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    for field in ("| fid ", "| fid_inf ", "| kid ", "| precision ", "| recall ", "95% interval (40 bootstrap)",
+                  "floor (digits:train, 1397)/fid_inf", "excess_over_floor/fid_inf"):  # fmt: skip
+        assert field in printed, field
+    payload = json.loads(out.read_text())
+    assert set(payload["intervals"]) == {"fid", "fid_inf", "kid", "precision", "recall"}
+    for metric, (low, high) in payload["intervals"].items():
+        assert low <= payload["metrics"][metric] <= high, metric
+    assert payload["excess_over_floor"]["fid_inf"]["b"] == payload["floor"]["fid_inf"]["value"]
+    assert (tmp_path / payload["features_file"]).is_file() and payload["features_file"] == "m.features.npz"
+    fails(["calc", "--ref", str(world / "ref.npz"), "--images", str(tmp_path / "gen"), "--floor", "digits:heldout",
+           "--out", str(tmp_path / "x.json")], capsys, "disjoint", tmp_path / "x.json")  # fmt: skip
+
+
+def test_paired_compare_of_two_pipelines(world, tmp_path, capsys):
+    def calc(pipeline: str, seeds: str, out: str, *extra: str) -> int:
+        return run(["calc", "--ref", str(world / "ref.npz"), "--pipeline", str(world / pipeline),
+                    "--class_labels", "reference", "--seeds", seeds, "--bootstrap", "30",
+                    "--out", str(tmp_path / out), *extra])  # fmt: skip
+
+    assert calc("student", "0-99", "a.json", "--timesteps", "999") == 0
+    assert calc("teacher", "0-99", "b.json", "--steps", "1", "--compare", str(tmp_path / "a.json")) == 0
+    printed = capsys.readouterr().out
+    assert "A = this evaluation" in printed and "paired by noise seeds" in printed and "| fid |" in printed
+    verdict = json.loads((tmp_path / "b.json").read_text())["comparison"]["fid"]["verdict"]
+    assert verdict in ("better", "worse", "not resolved")
+    # the compare subcommand: a model against itself is "not resolved" with a zero difference
+    assert run(["compare", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--bootstrap", "30",
+                "--out", str(tmp_path / "c.json")]) == 0  # fmt: skip
+    comparison = json.loads((tmp_path / "c.json").read_text())["comparison"]
+    assert {c["verdict"] for c in comparison.values()} == {"not resolved"}
+    assert comparison["fid"]["difference"] == 0 and "verdict for A" in capsys.readouterr().out
+    # other seeds do not pair
+    assert calc("student", "100-199", "d.json", "--timesteps", "999") == 0
+    fails(["compare", str(tmp_path / "a.json"), str(tmp_path / "d.json"), "--out", str(tmp_path / "e.json")],
+          capsys, "different noise seeds", tmp_path / "e.json")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------
 # scripts
 # ---------------------------------------------------------------------------------------------------------
@@ -273,9 +316,9 @@ def test_bench_digits_smoke(world, tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     payload = bench.main([
-        "--teacher", str(world / "teacher"), "--classifier", str(world / "clf"), "--num_samples", str(N),
-        "--seeds", "2", "--steps", "1", "--reference_steps", "2", "--batch_size", "35",
-        "--student", f"tiny={world / 'student'}:999,499", "--out", str(out),
+        "--teacher", str(world / "teacher"), "--classifier", str(world / "clf"), "--num_samples", "170",
+        "--bootstrap", "20", "--steps", "1", "--reference_steps", "2", "--batch_size", "85",
+        "--student", f"tiny={world / 'student'}:999,499", "--baseline", "teacher, 1 step", "--out", str(out),
     ])  # fmt: skip
     names = [r["name"] for r in payload["rows"]]
     assert names == ["real (train split)", "teacher, 1 step", "teacher, 2 steps", "tiny"]
@@ -283,12 +326,18 @@ def test_bench_digits_smoke(world, tmp_path, capsys):
     assert (
         rows["teacher, 1 step"]["nfe"] == 1 and rows["tiny"]["nfe"] == 2 and rows["real (train split)"]["nfe"] is None
     )
-    assert rows["teacher, 2 steps"]["speedup"] == pytest.approx(1.0)
-    assert len(rows["tiny"]["fid"]["values"]) == 2 and rows["tiny"]["fid"]["std"] >= 0
+    assert rows["teacher, 2 steps"]["speedup"] == pytest.approx(1.0) and rows["real (train split)"]["n"] == 1397
+    for metric in ("fid", "fid_inf", "kid", "precision", "recall", "excess_over_floor"):
+        cell = rows["tiny"][metric]
+        assert cell["low"] <= cell["value"] <= cell["high"], metric
+    assert rows["tiny"]["vs_teacher"]["against"] == "teacher, 2 steps"
+    assert rows["tiny"]["vs_baseline"]["fid_inf"]["verdict"] in ("better", "worse", "not resolved")
+    assert "vs_baseline" not in rows["teacher, 1 step"] and "vs_teacher" not in rows["teacher, 2 steps"]
     table = capsys.readouterr().out
     assert "| teacher, 1 step | 1 |" in table and "Reproduce: `python eval/bench_digits.py" in table
+    assert "| tiny | " in table.split("FID∞ − 2-step teacher")[1]  # the verdict table
     protocol = json.loads(out.read_text())["protocol"]
-    assert protocol["num_samples"] == N and "--out" not in protocol["command"]
+    assert protocol["num_samples"] == 170 and "--out" not in protocol["command"]
     assert bench.parse_student("a=/x/y:999,499") == ("a", "/x/y", [999, 499])
     assert bench.parse_student("b=C:/dir") == ("b", "C:/dir", None)
 

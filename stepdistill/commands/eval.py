@@ -12,6 +12,12 @@ Examples::
     stepdistill eval calc --ref refs/digits_heldout.npz --pipeline runs/dmd2/pipeline \
         --class_labels reference --timesteps 999 --seeds 0-399 --out metrics.json
 
+    # FID_inf and bootstrap intervals are printed by default; add the real-data floor and a paired comparison
+    stepdistill eval calc --ref refs/digits_heldout.npz --pipeline runs/a/student --class_labels reference \
+        --seeds 0-1999 --floor digits:train --out a.json         # also writes a.features.npz
+    stepdistill eval calc ... --pipeline runs/b/student --seeds 0-1999 --out b.json --compare a.json
+    stepdistill eval compare a.json b.json                       # the same comparison from the saved files
+
     # several processes / GPUs: sampling and feature extraction are split and gathered
     accelerate launch -m stepdistill eval calc --ref ... --pipeline ...
 
@@ -47,6 +53,15 @@ from ..evaluation.stats import (
     UnverifiedStatsWarning,
     write_json,
 )
+from ..evaluation.uncertainty import (
+    Difference,
+    MetricReplicates,
+    ResamplePlan,
+    SampleFeatures,
+    bootstrap_metrics,
+    compare_independent,
+    paired_comparison,
+)
 from ..loading import ModelFolderError
 from .common import int_list, number_list, positive_int, user_errors
 
@@ -70,7 +85,7 @@ _PIPELINE_ONLY = ("seeds", "num_samples", "prompts", "steps", "timesteps", "guid
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    """The argument parser of ``stepdistill eval`` (subcommands ``ref`` and ``calc``)."""
+    """The argument parser of ``stepdistill eval`` (subcommands ``ref``, ``calc`` and ``compare``)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="FID / KID / precision-recall / diversity for stepdistill students, teachers and image folders.",
@@ -149,8 +164,41 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     calc.add_argument("--k", type=positive_int, default=3, help="Neighbourhood size of precision / recall (default 3).")
     calc.add_argument("--kid_subsets", type=positive_int, default=100, help="KID subsets (default 100).")
     calc.add_argument("--per_class", action="store_true", help="Also report metrics per class.")
+    uncertainty(calc)
+    calc.add_argument(
+        "--floor",
+        default=None,
+        help="Real images disjoint from the reference (a folder, a saved dataset, digits:train), evaluated like a "
+        "model: the real-data floor and each metric's excess over it.",
+    )
+    calc.add_argument(
+        "--compare",
+        default=None,
+        help="A metrics JSON of another model sampled from the same seeds and labels (`calc --out`): paired verdict.",
+    )
     common(calc)
+
+    comp = sub.add_parser("compare", help="Paired comparison of two `calc --out` results sampled from the same noise.")
+    comp.add_argument("first", help="Metrics JSON of model A (its .features.npz next to it).")
+    comp.add_argument("second", help="Metrics JSON of model B.")
+    comp.add_argument("--ref", default=None, help="Reference statistics (default: the one A was evaluated against).")
+    comp.add_argument("--out", default=None, help="Write the comparison as JSON here.")
+    comp.add_argument("--k", type=positive_int, default=3, help="Neighbourhood size of precision / recall.")
+    comp.add_argument("--quiet", action="store_true", help="Accepted as in calc (compare shows no progress bars).")
+    uncertainty(comp)
     return parser
+
+
+def uncertainty(p: argparse.ArgumentParser) -> None:
+    """The bootstrap / FID_inf flags shared by ``calc`` and ``compare``."""
+    p.add_argument(
+        "--bootstrap", type=int, default=200, help="Bootstrap replicates for the intervals (default 200; 0: none)."
+    )
+    p.add_argument("--bootstrap_seed", type=int, default=0, help="Seed of the bootstrap indices (default 0).")
+    p.add_argument("--confidence", type=float, default=0.95, help="Interval coverage (default 0.95).")
+    p.add_argument(
+        "--fid_inf_sizes", type=positive_int, default=8, help="Subset sizes of the FID_inf fit, n/5..n (default 8)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,16 +227,18 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def format_table(rows: Sequence[tuple[str, object]]) -> str:
-    """A two-column markdown table of ``(metric, value)`` rows."""
+def format_table(rows: Sequence[tuple], ci_title: str | None = None) -> str:
+    """A markdown table of ``(metric, value)`` rows, or ``(metric, value, interval)`` rows with ``ci_title``."""
 
     def fmt(v: object) -> str:
         return f"{v:.6g}" if isinstance(v, float) else str(v)
 
-    width = max(len("metric"), *(len(k) for k, _ in rows))
-    lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
-    lines += [f"| {k:<{width}} | {fmt(v)} |" for k, v in rows]
-    return "\n".join(lines)
+    width = max(len("metric"), *(len(r[0]) for r in rows))
+    if ci_title is None:
+        lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+        return "\n".join(lines + [f"| {r[0]:<{width}} | {fmt(r[1])} |" for r in rows])
+    lines = [f"| {'metric':<{width}} | value | {ci_title} |", f"|{'-' * (width + 2)}|-------|---|"]
+    return "\n".join(lines + [f"| {r[0]:<{width}} | {fmt(r[1])} | {r[2]} |" for r in rows])
 
 
 def _state(args: argparse.Namespace):
@@ -309,26 +359,153 @@ def run_calc(args: argparse.Namespace) -> int:
         }
     what["num_processes"] = state.num_processes
     if is_main_process(state):
-        _report(result, ref, what, args)
+        other = _load_evaluation(args.compare) if args.compare else None  # fail before any work is written
+        floor = None
+        if args.floor:
+            if str(args.floor) == ref.source:
+                raise ImageInputError(f"--floor {args.floor} is the reference itself; the floor needs disjoint images.")
+            floor = make_reference(args.floor, extractor, batch_size=args.batch_size, progress=not args.quiet)
+        _report(result, ref, what, args, floor, other)
     return 0
 
 
-def _report(result: MetricsResult, ref: ReferenceStats, what: dict, args: argparse.Namespace) -> None:
+def _bootstrap(feats, ref: ReferenceStats, args: argparse.Namespace, seed: int, kid: float | None = None):
+    plan = ResamplePlan.make(feats.shape[0], feats.shape[1], args.bootstrap, seed, args.fid_inf_sizes)
+    return bootstrap_metrics(feats, ref.mu, ref.sigma, plan, ref.features, k=args.k, kid=kid)
+
+
+def _interval_rows(reps: MetricReplicates, confidence: float, prefix: str = "") -> list[tuple[str, object, str]]:
+    rows = []
+    for metric, cell in reps.summary(confidence).items():
+        value = "n/a" if cell["value"] is None else cell["value"]
+        ci = "–" if cell["low"] is None else f"[{cell['low']:.6g}, {cell['high']:.6g}]"
+        rows.append((prefix + metric, value, ci))
+    return rows
+
+
+def _load_evaluation(path: str | Path) -> tuple[dict, SampleFeatures]:
+    """A ``calc --out`` JSON and the per-sample features it names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Metrics JSON {str(path)!r} not found.")
+    import json
+
+    payload = json.loads(path.read_text())
+    name = payload.get("features_file")
+    if not name:
+        raise StatsFileError(f"{str(path)!r} names no per-sample features; rerun `eval calc --out` with this version.")
+    return payload, SampleFeatures.load(path.parent / name)
+
+
+def _difference_rows(diffs: dict[str, Difference]) -> str:
+    head = ["| metric | A | B | A − B | interval | verdict for A |", "|---|---|---|---|---|---|"]
+    return "\n".join(
+        head
+        + [
+            f"| {d.metric} | {d.a:.6g} | {d.b:.6g} | {d.difference:.6g} | [{d.low:.6g}, {d.high:.6g}] | {d.verdict} |"
+            for d in diffs.values()
+        ]
+    )
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``compare``: paired bootstrap comparison of two saved evaluations."""
+    payload_a, a = _load_evaluation(args.first)
+    payload_b, b = _load_evaluation(args.second)
+    ref_path = args.ref or payload_a["reference"]["path"]
+    ref = ReferenceStats.load(ref_path)
+    for payload, feats in ((payload_a, a), (payload_b, b)):
+        if feats.extractor != ref.extractor or payload["reference"].get("extractor") != ref.extractor:
+            raise StatsMismatchError(f"Features of {feats.extractor!r} cannot be compared on {ref.extractor!r} ones.")
+    if payload_b["reference"].get("path") != payload_a["reference"].get("path") and args.ref is None:
+        print(f"{args.prog} compare: warning: A and B were evaluated against different reference files; "
+              f"comparing both against {ref_path}.", file=sys.stderr)  # fmt: skip
+    diffs, pairing = paired_comparison(
+        a, b, ref.mu, ref.sigma, ref.features, args.bootstrap, args.bootstrap_seed, args.fid_inf_sizes,
+        args.confidence, args.k,
+    )  # fmt: skip
+    print(f"A = {args.first}, B = {args.second}; paired by {pairing}; {len(a.features)} samples each; "
+          f"{args.bootstrap} bootstrap replicates, {args.confidence:.0%} intervals of A − B")  # fmt: skip
+    print(_difference_rows(diffs))
+    if args.out:
+        write_json(args.out, {"a": str(args.first), "b": str(args.second), "pairing": pairing,
+                              "reference": str(ref_path), "confidence": args.confidence, "bootstrap": args.bootstrap,
+                              "comparison": {m: d.to_dict() for m, d in diffs.items()}})  # fmt: skip
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _report(
+    result: MetricsResult,
+    ref: ReferenceStats,
+    what: dict,
+    args: argparse.Namespace,
+    floor: ReferenceStats | None = None,
+    other: tuple[dict, SampleFeatures] | None = None,
+) -> None:
     flat = result.to_dict()
-    rows = [(k, "n/a" if v is None else v) for k, v in flat.items() if k not in ("per_class", "not_computed")]
-    rows.insert(0, ("reference", f"{ref.source} ({ref.n if ref.n is not None else 'unknown number of'} images)"))
-    print(format_table(rows))
-    for metric, why in flat.get("not_computed", {}).items():
+    reps = _bootstrap(result.features, ref, args, args.bootstrap_seed, kid=result.kid)
+    flat["fid_inf"] = reps.estimates["fid_inf"]
+    intervals = {m: [c["low"], c["high"]] for m, c in reps.summary(args.confidence).items() if c["low"] is not None}
+    interval_rows = {m: ci for m, _, ci in _interval_rows(reps, args.confidence)}
+    rows = [(k, "n/a" if v is None else v, interval_rows.get(k, "")) for k, v in flat.items()
+            if k not in ("per_class", "not_computed")]  # fmt: skip
+    rows.insert(0, ("reference", f"{ref.source} ({ref.n if ref.n is not None else 'unknown number of'} images)", ""))
+    rows.insert(2, rows.pop([r[0] for r in rows].index("fid_inf")))  # right after fid
+    floor_out = excess = None
+    if floor is not None:
+        floor_reps = _bootstrap(floor.features, ref, args, args.bootstrap_seed + 1)
+        rows += _interval_rows(floor_reps, args.confidence, prefix=f"floor ({floor.source}, {floor.n})/")
+        metrics = ("fid_inf", "fid") if floor.n == result.num_generated else ("fid_inf",)
+        excess = compare_independent(reps, floor_reps, args.confidence, metrics) if args.bootstrap else {}
+        for m, d in excess.items():
+            rows.append((f"excess_over_floor/{m}", d.difference, f"[{d.low:.6g}, {d.high:.6g}]"))
+        floor_out = {"source": floor.source, "n": floor.n, **floor_reps.summary(args.confidence)}
+    print(format_table(rows, ci_title=f"{args.confidence:.0%} interval ({args.bootstrap} bootstrap)"))
+    not_computed = flat.get("not_computed", {})
+    for metric, why in not_computed.items():
         print(f"{metric}: not computed: {why}")
+    for metric, why in reps.notes.items():
+        if metric not in not_computed:
+            print(f"{metric}: {why}")
     if result.per_class:
         for label, values in result.per_class.items():
             print(
                 f"class {label}: "
                 + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
             )
+    comparison = None
+    if other is not None:
+        payload_b, b = other
+        mine = SampleFeatures(result.features, result.sample_ids, result.labels, ref.extractor)
+        if payload_b["reference"].get("extractor") != ref.extractor:
+            raise StatsMismatchError(f"{args.compare} was evaluated with {payload_b['reference'].get('extractor')!r}.")
+        diffs, pairing = paired_comparison(
+            mine, b, ref.mu, ref.sigma, ref.features, args.bootstrap, args.bootstrap_seed, args.fid_inf_sizes,
+            args.confidence, args.k,
+        )  # fmt: skip
+        print(f"A = this evaluation, B = {args.compare}; paired by {pairing}")
+        print(_difference_rows(diffs))
+        comparison = {"b": str(args.compare), "pairing": pairing, **{m: d.to_dict() for m, d in diffs.items()}}
     if args.out:
+        out = Path(args.out)
+        features_path = out.with_name(out.stem + ".features.npz")
+        SampleFeatures(result.features, result.sample_ids, result.labels, ref.extractor).save(features_path)
         payload = {
             "metrics": flat,
+            "intervals": intervals,
+            "bootstrap": {
+                "replicates": args.bootstrap,
+                "seed": args.bootstrap_seed,
+                "confidence": args.confidence,
+                "fid_inf_sizes": [int(x) for x in ResamplePlan.make(
+                    result.num_generated, ref.dim, 0, args.bootstrap_seed, args.fid_inf_sizes).sizes],
+                "method": "generated samples resampled with replacement; percentile interval centred on the estimate",
+            },  # fmt: skip
+            "floor": floor_out,
+            "excess_over_floor": None if excess is None else {m: d.to_dict() for m, d in excess.items()},
+            "comparison": comparison,
+            "features_file": features_path.name,
             "reference": {
                 "path": str(args.ref),
                 "source": ref.source,
@@ -340,7 +517,7 @@ def _report(result: MetricsResult, ref: ReferenceStats, what: dict, args: argpar
             "args": vars(args),
         }
         write_json(args.out, payload)
-        print(f"wrote {args.out}", file=sys.stderr)
+        print(f"wrote {args.out} and {features_path}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
@@ -348,7 +525,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     args.prog = prog
     with user_errors(f"{prog} {args.command}", USER_ERRORS):
-        return run_ref(args) if args.command == "ref" else run_calc(args)
+        return {"ref": run_ref, "calc": run_calc, "compare": run_compare}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Evaluation: feature extractors, FID / KID / precision-recall / diversity, reference statistics, the command.
+"""Evaluation: extractors, FID / FID∞ / KID / precision-recall / diversity with intervals, paired comparisons.
 
 The same functions serve the ``stepdistill eval`` command, ``eval/bench_digits.py`` and the trainers::
 
@@ -52,22 +52,39 @@ from .sources import (
     sample_pipeline,
 )
 from .stats import ReferenceStats, StatsFileError, StatsMismatchError
+from .uncertainty import (
+    Difference,
+    MetricReplicates,
+    ResamplePlan,
+    SampleFeatures,
+    bootstrap_metrics,
+    compare_independent,
+    compare_paired,
+    paired_comparison,
+)
 
 __all__ = [
     "MATCH_REFERENCE",
     "CallableFeatures",
+    "Difference",
     "DigitsClassifierFeatures",
     "FeatureExtractor",
     "FeatureExtractorError",
     "ImageInputError",
     "InceptionFeatures",
     "MetricUndefinedError",
+    "MetricReplicates",
     "MetricsResult",
     "PipelineCallError",
     "ReferenceStats",
+    "ResamplePlan",
+    "SampleFeatures",
     "StatsFileError",
     "StatsMismatchError",
+    "bootstrap_metrics",
     "build_feature_extractor",
+    "compare_independent",
+    "compare_paired",
     "compute_metrics",
     "dataset_features",
     "digits_features",
@@ -86,6 +103,7 @@ __all__ = [
     "load_pipeline",
     "make_reference",
     "mean_pairwise_distance",
+    "paired_comparison",
     "parse_int_list",
     "pipeline_features",
     "precision_recall",

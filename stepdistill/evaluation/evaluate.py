@@ -353,6 +353,7 @@ def evaluate_pipeline(
         feats, ref, labels=groups, extractor=extractor, k=k, kid_subsets=kid_subsets, per_class=per_class
     )
     result.extra["sampling_and_features_seconds"] = seconds
+    result.sample_ids = np.asarray(seeds, dtype=np.int64)
     return result
 
 

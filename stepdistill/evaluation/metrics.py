@@ -294,6 +294,10 @@ class MetricsResult:
         diversity_groups: Conditions the diversity was averaged over.
         per_class: Per-condition metrics (``{label: {metric: value}}``), when asked for.
         extra: Anything else (e.g. class accuracy, timings).
+        features: The generated features themselves (``[N, D]``; not in :meth:`to_dict`), for intervals and
+            paired comparisons (:mod:`stepdistill.evaluation.uncertainty`).
+        labels: The condition of each generated sample (not in :meth:`to_dict`).
+        sample_ids: The noise seed of each generated sample when known (not in :meth:`to_dict`).
     """
 
     fid: float
@@ -309,6 +313,9 @@ class MetricsResult:
     diversity_groups: int = 1
     per_class: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    features: np.ndarray | None = field(default=None, repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+    sample_ids: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         """Flat, JSON-able metric names (``fid``, ``kid``, ``precision``, ``diversity/vendi``, ...)."""
@@ -409,6 +416,8 @@ def compute_metrics(
         diversity_groups=div["groups"],
         per_class=classes,
         extra=extra,
+        features=gen,
+        labels=None if labels is None else np.asarray(labels),
     )
 
 

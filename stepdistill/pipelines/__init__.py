@@ -22,6 +22,7 @@ from .export import (
 )
 from .mixin import StepDistillPipelineMixin
 from .pipeline_hybrid import HybridDiversityPipeline, HybridDiversityPipelineOutput, HybridPlan, sample_hybrid
+from .pipeline_phased import PhasedExpertsPipeline, PhasedExpertsPipelineOutput, save_phased_experts
 from .pipeline_routed import MAX_STUDENTS, RoutedPipelineOutput, RoutedStudentsPipeline
 from .pipeline_stepdistill import (
     StepDistillPipeline,
@@ -41,7 +42,7 @@ def register_with_diffusers() -> None:
     """
     import diffusers
 
-    for cls in (StepDistillPipeline, HybridDiversityPipeline, RoutedStudentsPipeline):
+    for cls in (StepDistillPipeline, HybridDiversityPipeline, PhasedExpertsPipeline, RoutedStudentsPipeline):
         if getattr(diffusers, cls.__name__, None) is None:
             setattr(diffusers, cls.__name__, cls)
 
@@ -54,6 +55,8 @@ __all__ = [
     "HybridDiversityPipelineOutput",
     "HybridPlan",
     "MAX_STUDENTS",
+    "PhasedExpertsPipeline",
+    "PhasedExpertsPipelineOutput",
     "RoutedPipelineOutput",
     "RoutedStudentsPipeline",
     "StepDistillPipeline",
@@ -70,6 +73,7 @@ __all__ = [
     "lcm_scheduler_for_student",
     "register_with_diffusers",
     "sample_hybrid",
+    "save_phased_experts",
     "teacher_kind",
     "write_model_card",
 ]

@@ -4,6 +4,7 @@ from ..configs import parse_config
 from .base import DistillationTrainer, NonFiniteLossError, OptimizerSettings, ParamGroup, TrainerConfig
 from .dmd import DMDConfig, DMDTrainer
 from .msd import MSDConfig, MSDStudentTrainer, MSDTrainer, TSMTrainer
+from .phased_dmd import PhasedDMDConfig, PhasedDMDTrainer
 
 __all__ = [
     "DMDConfig",
@@ -16,6 +17,8 @@ __all__ = [
     "NonFiniteLossError",
     "OptimizerSettings",
     "ParamGroup",
+    "PhasedDMDConfig",
+    "PhasedDMDTrainer",
     "TrainerConfig",
     "parse_config",
 ]
