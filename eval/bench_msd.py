@@ -3,7 +3,7 @@
     python eval/bench_msd.py --threads 1 --model k1=runs/msd_k1/student --model k4=runs/msd_k4/student \
         --pair k4:k1 --latency k4_small_tsm:k4 --out runs/bench_msd.json --markdown runs/bench_msd.md
 
-Protocol (the digits benchmark's, ``eval/bench_digits.py``): N = 400 samples per model and seed set, class labels
+Protocol (the digits benchmark's before its FID∞ rewrite): N = 400 samples per model and seed set, class labels
 in the held-out mix, sample k of seed set s uses noise seed ``100000 * s + k``; metrics against the held-out split
 in the digits classifier's 64-d feature space; 3 seed sets. A "real" row (train-split images, class mix matched)
 is the floor of FID at this N.
@@ -29,15 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stepdistill.data.digits import class_labels_like_reference, load_digits_split
+from stepdistill.data.digits_models import classifier_path
+from stepdistill.evaluation import DigitsClassifierFeatures, ReferenceStats, compute_metrics, digits_features
+from stepdistill.evaluation.sources import load_pipeline, sample_pipeline
+from stepdistill.evaluation.stats import write_json
 
-from bench_digits import SEED_STRIDE, real_subset, reproduce_command, summarize  # noqa: E402
-
-from stepdistill.data.digits import class_labels_like_reference  # noqa: E402
-from stepdistill.data.digits_models import classifier_path  # noqa: E402
-from stepdistill.evaluation import DigitsClassifierFeatures, ReferenceStats, compute_metrics, digits_features  # noqa: E402
-from stepdistill.evaluation.sources import load_pipeline, sample_pipeline  # noqa: E402
-from stepdistill.evaluation.stats import write_json  # noqa: E402
+SEED_STRIDE = 100_000
 
 COLUMNS = ("fid", "precision", "recall", "class_accuracy", "vendi")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -55,6 +53,37 @@ TRAIN_COMMANDS = [
     "stepdistill train msd --config recipes/digits_msd4_small_tsm.yaml --num_students 1 --output_dir "
     "runs/msd_k1_small_tsm",
 ]
+
+
+def real_subset(labels: np.ndarray, seed: int) -> torch.Tensor:
+    """Train-split images whose ``k``-th has class ``labels[k]`` (drawn without replacement with ``seed``)."""
+    train = load_digits_split("train")
+    train_labels = train.labels.numpy()
+    rng = np.random.default_rng(seed)
+    index = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        slots = np.flatnonzero(labels == c)
+        index[slots] = rng.choice(np.flatnonzero(train_labels == c), size=len(slots), replace=False)
+    return train.images[index]
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the per-seed values."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "values": arr.tolist()}
+
+
+def reproduce_command(argv: list[str]) -> str:
+    """The command line that regenerates the numbers (``--out`` / ``--markdown`` dropped)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--markdown"):
+            skip = True
+        elif not arg.startswith(("--out=", "--markdown=")):
+            kept.append(arg)
+    return " ".join(["python", "eval/bench_msd.py", *kept])
 
 
 def networks(pipe) -> list[torch.nn.Module]:
@@ -154,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         latencies.append({"a": a, "b": b, "ms_a": ms[a], "ms_b": ms[b], "ratio": ms[a] / ms[b],
                           "params_a": pa, "params_b": pb, "param_ratio": pa / pb})
     protocol = {"num_samples": n, "seed_sets": args.seeds, "threads": torch.get_num_threads(),
-                "command": reproduce_command(argv if argv is not None else sys.argv[1:], "eval/bench_msd.py")}
+                "command": reproduce_command(argv if argv is not None else sys.argv[1:])}
     table = markdown(rows, pairs, latencies, protocol)
     print(table)
     payload = {"protocol": protocol, "rows": rows, "pairs": pairs, "latency": latencies, "markdown": table}
