@@ -13,6 +13,7 @@ import pytest
 from stepdistill.configs import ConfigParser, field_value_parser, parse_config, parse_configs
 from stepdistill.trainers.digits_world import ClassifierConfig, TeacherConfig
 from stepdistill.trainers.dmd import DMDConfig
+from stepdistill.trainers.msd import MSDConfig
 from stepdistill.trainers.phased_dmd import PhasedDMDConfig
 from stepdistill.trainers.style_lora import StyleLoraConfig
 
@@ -105,8 +106,10 @@ def test_flags_override_the_recipe_and_validation_runs(tmp_path):
 def test_every_shipped_recipe_parses():
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes
-    for recipe in recipes:  # each with its method's config (Phased DMD recipes are named *phased*)
-        parse_config(PhasedDMDConfig if "phased" in recipe.name else DMDConfig, ["--config", str(recipe)])
+    for recipe in recipes:  # each with its method's config (Phased DMD: *phased*, MSD: digits_msd*)
+        config_cls = PhasedDMDConfig if "phased" in recipe.name else MSDConfig if recipe.name.startswith(
+            "digits_msd") else DMDConfig
+        parse_config(config_cls, ["--config", str(recipe)])
 
 
 def test_unknown_recipe_key_names_the_valid_keys(tmp_path):

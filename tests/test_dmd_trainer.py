@@ -187,7 +187,7 @@ def test_parse_config_yaml_then_cli_overrides(tmp_path):
     assert cfg.generator_learning_rate == 1e-5 and cfg.student_timesteps == [999.0, 666.0, 333.0]
     assert cfg.use_ema is False and cfg.real_guidance_scale is None and cfg.uses_backward_simulation
     for recipe_file in sorted((ROOT / "recipes").glob("*.yaml")):
-        if "phased" not in recipe_file.name:  # Phased DMD recipes: tests/test_phased_dmd.py
+        if "phased" not in recipe_file.name and not recipe_file.name.startswith("digits_msd"):  # own tests
             parse_config(DMDConfig, ["--config", str(recipe_file)])
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..configs import parse_config
 from ..loading import ModelFolderError
-from ..trainers import DMDConfig, DMDTrainer, PhasedDMDConfig, PhasedDMDTrainer
+from ..trainers import DMDConfig, DMDTrainer, MSDConfig, MSDTrainer, PhasedDMDConfig, PhasedDMDTrainer
 from ..trainers.base import NonFiniteLossError
 from ..trainers.checkpointing import CheckpointMismatchError
 from .common import user_errors
@@ -27,6 +27,7 @@ from .common import user_errors
 #: ``method: (config dataclass, trainer class)``; a new method is one entry here.
 METHODS: dict[str, tuple[type, type]] = {
     "dmd": (DMDConfig, DMDTrainer),
+    "msd": (MSDConfig, MSDTrainer),
     "phased-dmd": (PhasedDMDConfig, PhasedDMDTrainer),
 }
 #: Errors reported as one line (exit status 1): bad recipes / flags, missing or unusable model folders.

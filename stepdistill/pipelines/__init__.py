@@ -23,6 +23,7 @@ from .export import (
 from .mixin import StepDistillPipelineMixin
 from .pipeline_hybrid import HybridDiversityPipeline, HybridDiversityPipelineOutput, HybridPlan, sample_hybrid
 from .pipeline_phased import PhasedExpertsPipeline, PhasedExpertsPipelineOutput, save_phased_experts
+from .pipeline_routed import MAX_STUDENTS, RoutedPipelineOutput, RoutedStudentsPipeline
 from .pipeline_stepdistill import (
     StepDistillPipeline,
     StepDistillPipelineOutput,
@@ -31,7 +32,7 @@ from .pipeline_stepdistill import (
 
 
 def register_with_diffusers() -> None:
-    """Expose :class:`StepDistillPipeline` (and :class:`HybridDiversityPipeline`) as attributes of ``diffusers``.
+    """Expose :class:`StepDistillPipeline` (and the hybrid / routed pipelines) as attributes of ``diffusers``.
 
     ``DiffusionPipeline.from_pretrained(folder)`` resolves the ``_class_name`` of ``model_index.json`` as an
     attribute of the ``diffusers`` module (custom classes otherwise need ``custom_pipeline=`` and
@@ -41,7 +42,7 @@ def register_with_diffusers() -> None:
     """
     import diffusers
 
-    for cls in (StepDistillPipeline, HybridDiversityPipeline, PhasedExpertsPipeline):
+    for cls in (StepDistillPipeline, HybridDiversityPipeline, PhasedExpertsPipeline, RoutedStudentsPipeline):
         if getattr(diffusers, cls.__name__, None) is None:
             setattr(diffusers, cls.__name__, cls)
 
@@ -53,8 +54,11 @@ __all__ = [
     "HybridDiversityPipeline",
     "HybridDiversityPipelineOutput",
     "HybridPlan",
+    "MAX_STUDENTS",
     "PhasedExpertsPipeline",
     "PhasedExpertsPipelineOutput",
+    "RoutedPipelineOutput",
+    "RoutedStudentsPipeline",
     "StepDistillPipeline",
     "StepDistillPipelineMixin",
     "StepDistillPipelineOutput",

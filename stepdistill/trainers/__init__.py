@@ -3,12 +3,17 @@
 from ..configs import parse_config
 from .base import DistillationTrainer, NonFiniteLossError, OptimizerSettings, ParamGroup, TrainerConfig
 from .dmd import DMDConfig, DMDTrainer
+from .msd import MSDConfig, MSDStudentTrainer, MSDTrainer, TSMTrainer
 from .phased_dmd import PhasedDMDConfig, PhasedDMDTrainer
 
 __all__ = [
     "DMDConfig",
     "DMDTrainer",
     "DistillationTrainer",
+    "MSDConfig",
+    "MSDStudentTrainer",
+    "MSDTrainer",
+    "TSMTrainer",
     "NonFiniteLossError",
     "OptimizerSettings",
     "ParamGroup",

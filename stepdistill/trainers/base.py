@@ -337,6 +337,8 @@ class DistillationTrainer:
         self._rng_state = RNGState(rng=self.rng, shared=self.shared_rng)
         self._grid_decoder = None
         self._digits_evaluator = None
+        #: ``train()`` leaves the process group up for trainers that follow in this process (MSD's students)
+        self.keep_process_group = False
         self.build()
         self._prepare()
 
@@ -1215,7 +1217,11 @@ class DistillationTrainer:
         if acc.is_main_process:
             (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         acc.wait_for_everyone()
-        acc.end_training()
+        if self.keep_process_group:  # more trainers follow in this process (MSD's students): trackers only
+            for tracker in acc.trackers:
+                tracker.finish()
+        else:
+            acc.end_training()
         return summary
 
     def _sample_and_eval(self, grid: bool, evaluate: bool) -> dict[str, float]:
