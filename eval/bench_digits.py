@@ -80,7 +80,7 @@ def default_guidance_scale(teacher: Path) -> float:
 class CallCounter:
     """Counts the rows the networks process (per-sample NFE = rows / samples), via forward pre-hooks.
 
-    Several modules (a phased-experts pipeline's experts) share one count.
+    Several modules (a phased-experts pipeline's experts, a routed pipeline's students) share one count.
     """
 
     def __init__(self, *modules: torch.nn.Module) -> None:
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for name, path, timesteps in args.student:
         pipe = load_pipeline(path, device=device)
-        networks = getattr(pipe, "experts", None) or [pipe.unet]  # PhasedExpertsPipeline: every expert
+        # every network that can run a step: a phased pipeline's experts, a routed pipeline's students
+        networks = getattr(pipe, "experts", None) or getattr(pipe, "students", None) or [pipe.unet]
         rows.append((f"{name}", student_sampler(pipe, timesteps), CallCounter(*networks)))
 
     # 3. The fidelity reference: the teacher's own samples with other noise

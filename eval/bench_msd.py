@@ -88,7 +88,7 @@ def reproduce_command(argv: list[str]) -> str:
 
 def networks(pipe) -> list[torch.nn.Module]:
     """The student networks of a routed pipeline, or the one ``unet`` of a single-student pipeline."""
-    return pipe.students() if hasattr(pipe, "students") else [pipe.unet]
+    return pipe.students if hasattr(pipe, "students") else [pipe.unet]
 
 
 def paired(a: list[float], b: list[float]) -> dict:

@@ -112,6 +112,7 @@ class RoutedStudentsPipeline(DiffusionPipeline, StepDistillPipelineMixin):
         """``K``: the filled slots."""
         return sum(getattr(self, s, None) is not None for s in STUDENT_SLOTS)
 
+    @property
     def students(self) -> list[nn.Module]:
         """The K student networks, in part order."""
         return [getattr(self, s) for s in STUDENT_SLOTS[: self.num_students]]
@@ -213,7 +214,7 @@ class RoutedStudentsPipeline(DiffusionPipeline, StepDistillPipelineMixin):
                                      "from_pretrained(folder) or call set_partition(...).")
             self.set_partition(ConditionPartition.load(folder))
         self._guidance_scale, self._do_classifier_free_guidance, self._cross_attention_kwargs = 1.0, False, None
-        dens = [Denoiser.from_model(net, self.schedule) for net in self.students()]
+        dens = [Denoiser.from_model(net, self.schedule) for net in self.students]
         ts = self._resolve_timesteps(None, timesteps, 1)
         plan = StepPlan.single("unet", ts, "renoise", None)
 
