@@ -2,9 +2,12 @@
 
 from ..configs import parse_config
 from .base import DistillationTrainer, NonFiniteLossError, OptimizerSettings, ParamGroup, TrainerConfig
+from .boot import BOOTConfig, BOOTTrainer
 from .dmd import DMDConfig, DMDTrainer
 
 __all__ = [
+    "BOOTConfig",
+    "BOOTTrainer",
     "DMDConfig",
     "DMDTrainer",
     "DistillationTrainer",
