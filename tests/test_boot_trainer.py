@@ -283,6 +283,7 @@ def test_bad_recipes_get_one_line_errors(tiny_teacher, tmp_path, capsys):
     images = tmp_path / "imgs"
     images.mkdir()
     _fails(["train", "boot", *fast, "--data", "dataset", "--dataset", str(images)], capsys, "data-free")
+    _fails(["train", "boot", *fast, "--data", "prompts", "--prompts", str(images)], capsys, "data-free", ".txt")
     # guidance on a teacher without an unconditional branch (no null class among its 11 embeddings)
     _fails(["train", "boot", *fast, "--guidance_scale", "2", "--null_class_label", "11"], capsys,
            "no unconditional branch", "guidance_scale 1")

@@ -102,6 +102,14 @@ class BOOTConfig(TrainerConfig):
                 f"data={self.data!r} comes with real images, but BOOT is data-free and takes conditions only: use "
                 "data=uniform_labels (class teachers), prompts (text teachers) or unconditional."
             )
+        if self.data == "prompts" and self.prompts and Path(self.prompts).is_dir():
+            from ..data.datasets import is_saved_dataset
+
+            if not is_saved_dataset(self.prompts):  # the imagefolder builder would read every image in it
+                raise ValueError(
+                    f"prompts={self.prompts!r} is a folder but not a save_to_disk dataset (an image folder?); BOOT is "
+                    "data-free and reads no images: give a .txt / csv / json / parquet file of prompts."
+                )
         if self.lora_rank > 0:
             raise ValueError("BOOT trains a full copy of the teacher (its timestep input is reversed, a weight the "
                              "teacher shares in LoRA mode): use lora_rank=0.")
