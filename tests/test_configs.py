@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from recipe_methods import RECIPES, recipe_config
 
 from stepdistill.configs import ConfigParser, field_value_parser, parse_config, parse_configs
 from stepdistill.trainers.digits_world import ClassifierConfig, TeacherConfig
@@ -102,10 +103,9 @@ def test_flags_override_the_recipe_and_validation_runs(tmp_path):
 
 
 def test_every_shipped_recipe_parses():
-    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
-    assert recipes
-    for recipe in recipes:
-        parse_config(DMDConfig, ["--config", str(recipe)])
+    assert RECIPES
+    for recipe in RECIPES:
+        parse_config(recipe_config(recipe), ["--config", str(recipe)])
 
 
 def test_unknown_recipe_key_names_the_valid_keys(tmp_path):
