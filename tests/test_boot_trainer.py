@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -290,15 +291,17 @@ def test_bad_recipes_get_one_line_errors(tiny_teacher, tmp_path, capsys):
     # settings that divide by ~0: too fine a grid
     _fails(["train", "boot", *fast, "--bootstrap_steps", "5000"], capsys, "use fewer steps")
     _fails(["train", "boot", *fast, "--lora_rank", "4"], capsys, "lora_rank=0")
-    assert not (tmp_path / "x").exists()
-    # an eps teacher whose x0 divides by alpha_T = 0 (zero terminal SNR), a flow grid with delta ~ 0
-    zero_snr = VPSchedule.from_config(dict(VP_BETAS, rescale_betas_zero_snr=True), prediction_type="epsilon")
-    teacher = Denoiser.from_model(teacher_unet(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                                               down_block_types=("DownBlock2D", "DownBlock2D"),
-                                               up_block_types=("UpBlock2D", "UpBlock2D")), zero_snr)
-    with pytest.raises(ValueError, match="divides by alpha_T") as err:
-        BOOTTrainer(_config("", tmp_path / "eps", sample_shape=[1, 8, 8]), teacher=teacher)
-    assert "\n" not in str(err.value) and "noise_end" in str(err.value)
-    flow = Denoiser.from_model(teacher.model, FlowSchedule(prediction_type="flow"))
-    with pytest.raises(ValueError, match="use fewer bootstrap_steps"):
+    # an eps teacher whose x0 divides by alpha_T = 0 (zero terminal SNR): the same folder with another scheduler
+    eps_teacher = tmp_path / "eps_teacher"
+    shutil.copytree(tiny_teacher, eps_teacher)
+    sched = eps_teacher / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps(dict(json.loads(sched.read_text()), prediction_type="epsilon",
+                                     rescale_betas_zero_snr=True)))
+    _fails(["train", "boot", *fast, "--teacher", str(eps_teacher), "--output_dir", str(tmp_path / "e")], capsys,
+           "divides by alpha_T = 0", "noise_end")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "e").exists()
+    # a flow grid whose delta is ~0
+    flow = Denoiser.from_model(load_denoiser(tiny_teacher).model, FlowSchedule(prediction_type="flow"))
+    with pytest.raises(ValueError, match="use fewer bootstrap_steps") as err:
         BOOTTrainer(_config("", tmp_path / "flow", sample_shape=[1, 8, 8], bootstrap_steps=200_000), teacher=flow)
+    assert "\n" not in str(err.value)
