@@ -113,7 +113,13 @@ class Conditioning:
         return Conditioning(**kwargs)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        """Move tensors to ``device``; cast floating tensors (embeddings) to ``dtype``."""
+        """Move tensors to ``device``; cast floating tensors (embeddings) to ``dtype``.
+
+        Returns ``self`` when every tensor is already there (a denoiser call re-checks its conditioning on every
+        step: nothing is rebuilt then).
+        """
+        if self._already(torch.device(device) if device is not None else None, dtype):
+            return self
 
         def move(name, v):
             if dtype is not None and torch.is_floating_point(v):
@@ -121,6 +127,20 @@ class Conditioning:
             return v.to(device=device)
 
         return self._map(move)
+
+    def _already(self, device: torch.device | None, dtype: torch.dtype | None) -> bool:
+        """Whether :meth:`to` would change nothing (every tensor on ``device``, floating ones in ``dtype``)."""
+        if device is not None and device.index is None and device.type not in ("cpu", "meta"):
+            return False  # "cuda" means the current device: let torch resolve it
+        for name in _TENSOR_FIELDS:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if device is not None and v.device != device:
+                return False
+            if dtype is not None and torch.is_floating_point(v) and v.dtype != dtype:
+                return False
+        return self.negative is None or self.negative._already(device, dtype)
 
     def select(self, index: torch.Tensor | slice | Sequence[int]) -> Conditioning:
         """The conditioning of a subset of the batch (index tensor, list or slice)."""

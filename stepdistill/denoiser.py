@@ -45,6 +45,43 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torc
     return uncond + guidance_scale * (cond - uncond)
 
 
+def submodules(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every submodule, in the order of ``model.modules()`` (shared modules listed once per parent).
+
+    An explicit stack over ``_modules`` instead of torch's recursive generators: this is what the per-call hook
+    lookups below walk, and it costs a fraction of ``modules()`` (no prefix strings, no memo set, no generator per
+    level), which matters when a one-step student's whole call is a few milliseconds.
+    """
+    out, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        out.append(module)
+        children = module.__dict__.get("_modules")
+        if children:
+            stack.extend(reversed([m for m in children.values() if m is not None]))
+    return out
+
+
+def diffusers_hook(module: nn.Module, name: str) -> Any:
+    """The diffusers hook ``name`` (``"layerwise_casting"``, ``"group_offloading"``) on ``module`` itself, or None."""
+    registry = module.__dict__.get("_diffusers_hook")
+    return registry.get_hook(name) if registry is not None else None
+
+
+def _casting_dtype(module: nn.Module) -> torch.dtype | None:
+    """The compute dtype of a diffusers layerwise-casting hook on ``module`` itself, or ``None``."""
+    if "_diffusers_hook" not in module.__dict__:
+        return None
+    hook = diffusers_hook(module, "layerwise_casting")
+    return hook.compute_dtype if hook is not None else None
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the network computes in (what inputs and conditioning are cast to).
 
@@ -53,19 +90,19 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     layer; the casting hook records that compute dtype, which is what inputs must be cast to. Otherwise it is the
     first parameter's dtype (float32 for parameter-free callables).
     """
-    for module in model.modules():  # the hook sits on each cast layer (diffusers' get_parameter_dtype reads it too)
-        registry = getattr(module, "_diffusers_hook", None)
-        hook = registry.get_hook("layerwise_casting") if registry is not None else None
-        if hook is not None:
-            return hook.compute_dtype
-    for p in model.parameters():
-        return p.dtype
-    return torch.float32
+    if not isinstance(model, nn.Module):
+        return torch.float32
+    for module in submodules(model):  # the hook sits on each cast layer (diffusers' get_parameter_dtype reads it)
+        dtype = _casting_dtype(module)
+        if dtype is not None:
+            return dtype
+    return _parameter_dtype(model)
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
     return torch.device("cpu")
 
 
@@ -111,6 +148,9 @@ class Denoiser(nn.Module):
                 "cross_attention_kwargs for this network."
             )
         self.attention_kwargs = dict(attention_kwargs) if attention_kwargs else None
+        #: The compute dtype when fixed by the caller (a pipeline call that has already walked the network);
+        #: ``None``: looked up on every call, as the network may be cast or hooked between calls.
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -120,7 +160,7 @@ class Denoiser(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the wrapped network computes in (the compute dtype under diffusers' layerwise casting)."""
-        return _model_dtype(self.model)
+        return self.compute_dtype if self.compute_dtype is not None else _model_dtype(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -177,7 +217,9 @@ class Denoiser(nn.Module):
         """
         batch = x_t.shape[0]
         cond = self.check_conditioning(cond, batch)
-        t_vec = self.schedule.as_timesteps(t, batch_size=batch, device=x_t.device)
+        # the timesteps stay where they were given (the host, for numbers): their checks, the network timestep's
+        # integrality test and the schedule's coefficients run there, with no host sync of an accelerator
+        t_vec = self.schedule.as_timesteps(t, batch_size=batch)
         dtype, device = self.dtype, x_t.device
         timestep = self.schedule.model_timestep(t_vec).to(device)
         raw = self._call_model(x_t.to(dtype), timestep, cond.to(device=device, dtype=dtype))
@@ -370,7 +412,7 @@ def guided_denoise(
         return denoiser(x_t, t, cond)
     batch = x_t.shape[0]
     uncond = cond.unconditional()
-    t_vec = denoiser.schedule.as_timesteps(t, batch_size=batch, device=x_t.device)
+    t_vec = denoiser.schedule.as_timesteps(t, batch_size=batch)  # where given (the host for numbers): no sync
     both = denoiser(torch.cat([x_t, x_t]), torch.cat([t_vec, t_vec]), Conditioning.cat([uncond, _strip(cond)]))
     x0_u, x0_c = both.x0.chunk(2)
     eps_u, eps_c = both.eps.chunk(2)

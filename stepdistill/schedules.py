@@ -11,6 +11,8 @@ same small API, so samplers and losses never branch on the teacher family:
 * :meth:`NoiseSchedule.conditional_kernel` -- ``x_t | x_s`` between two noise levels;
 * :meth:`NoiseSchedule.signal_step_size`, :meth:`NoiseSchedule.signal_to_x`, :meth:`NoiseSchedule.x_to_signal`,
   :meth:`NoiseSchedule.signal_grid` -- BOOT's signal ODE;
+* :meth:`NoiseSchedule.add_noise_from`, :meth:`NoiseSchedule.subinterval_x0_eps` -- Phased DMD's conditional
+  noising and unbiased ``(x0, eps)`` stand-ins from ``x_s``;
 * :meth:`NoiseSchedule.log_snr`, :meth:`NoiseSchedule.inference_timesteps`,
   :meth:`NoiseSchedule.validate_timesteps`.
 
@@ -128,8 +130,9 @@ class NoiseSchedule(ABC):
         if not torch.is_tensor(t):
             t = torch.as_tensor(t, dtype=torch.float64)
         device = torch.device(device) if device is not None else t.device
-        # Cast before moving: MPS has no float64, so a float64 tensor cannot be sent there first.
-        t = t.to(_work_dtype(device)).to(device)
+        # Cast before moving: MPS has no float64, so a float64 tensor cannot be sent there first. The checks run
+        # before the move, where ``t`` lives (the host, for numbers and CPU tensors): no accelerator sync.
+        t = t.to(_work_dtype(device))
         if t.ndim > 1:
             raise ValueError(f"Timesteps must be a scalar or a 1-D tensor, got shape {tuple(t.shape)}.")
         if torch.isnan(t).any():
@@ -146,16 +149,24 @@ class NoiseSchedule(ABC):
                 raise ValueError(
                     f"Got {t.shape[0]} timesteps for a batch of {batch_size}: give one timestep, or one per sample."
                 )
-        return t
+        return t.to(device)
 
     def alpha_sigma(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(alpha_t, sigma_t)`` as float64 tensors with the shape of ``t``.
 
         Args:
             t: Timesteps in the schedule's units.
-            device: Device of the result.
+            device: Device of the result. The coefficients are computed where ``t`` lives (the host for numbers
+                and CPU tensors, so no accelerator sync and no table copy) and then moved, except on devices
+                without float64 (MPS), where they are computed there in float32.
         """
-        return self._alpha_sigma(self.as_timesteps(t, device=device))
+        device = torch.device(device) if device is not None else None
+        if device is not None and _work_dtype(device) != torch.float64:
+            return self._alpha_sigma(self.as_timesteps(t, device=device))
+        alpha, sigma = self._alpha_sigma(self.as_timesteps(t))
+        if device is None:
+            return alpha, sigma
+        return alpha.to(device), sigma.to(device)
 
     def log_snr(self, t: TimestepLike) -> torch.Tensor:
         """Return ``log(alpha_t^2 / sigma_t^2)`` (``+inf`` at clean data)."""
@@ -192,10 +203,10 @@ class NoiseSchedule(ABC):
             ``(x0, eps)`` in float32 (float64 if an input was float64).
         """
         out_dtype = _out_dtype(model_output, x_t)
-        alpha, sigma = self.alpha_sigma(t, device=x_t.device)
+        alpha, sigma = self.alpha_sigma(t, device=None if _work_dtype(x_t.device) == torch.float64 else x_t.device)
         wd = alpha.dtype
-        a, s = _expand(alpha, x_t), _expand(sigma, x_t)
-        y, x = model_output.to(wd), x_t.to(wd)
+        a, s = _expand(alpha, x_t), _expand(sigma, x_t)  # moved to x_t's device here; the check below reads alpha
+        y, x = model_output.to(wd), x_t.to(wd)  # where t lives (the host for numbers): no accelerator sync
         kind = self.prediction_type
         if kind == "epsilon":
             if bool((alpha == 0).any()):
@@ -310,6 +321,88 @@ class NoiseSchedule(ABC):
     def _grid_values(self, grid: torch.Tensor) -> torch.Tensor:
         """Snap an evenly spaced grid to the schedule's natural timesteps (continuous: unchanged)."""
         return grid
+
+    def add_noise_from(self, x_s: torch.Tensor, noise: torch.Tensor, t: TimestepLike, s: TimestepLike) -> torch.Tensor:
+        """Return ``x_t = alpha_{t|s} x_s + sigma_{t|s} noise`` (:meth:`conditional_kernel`) in the dtype of ``x_s``."""
+        a_ts, s_ts = self.conditional_kernel(t, s)
+        wd = _work_dtype(x_s.device)
+        out = _expand(a_ts.to(wd), x_s) * x_s.to(wd) + _expand(s_ts.to(wd), x_s) * noise.to(wd)
+        return out.to(x_s.dtype)
+
+    def subinterval_x0_eps(
+        self, x_s: torch.Tensor, noise: torch.Tensor, t: TimestepLike, s: TimestepLike
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise ``x_s`` to ``t`` with the conditional kernel and give unbiased stand-ins for ``(x0, eps)``.
+
+        Phased DMD (Fan et al., "Phased DMD", CVPR 2026, Sec. 3.3, Eq. 11-12): with only ``x_s`` (no clean
+        sample), ``x_t = alpha_{t|s} x_s + sigma_{t|s} noise`` and the conditional score
+        ``-noise / sigma_{t|s}`` replaces the marginal one in Tweedie's formula, which gives
+
+        * ``eps_hat = (sigma_t / sigma_{t|s}) noise``,
+        * ``x0_hat = (x_t - sigma_t eps_hat) / alpha_t
+          = x_s / alpha_s - alpha_t sigma_s^2 / (alpha_s^2 sigma_{t|s}) noise`` (Eq. 12).
+
+        ``E[x0_hat | x_t] = E[x0 | x_t]`` and ``E[eps_hat | x_t] = E[eps | x_t]``, so any target linear in
+        ``(x0, eps)`` (:meth:`target`: eps, v, x0 or flow ``eps - x0``, which reproduces Eq. 11) built from them
+        has the full-interval target's regression on ``x_t``. With ``s = 0`` they are ``(x_s, noise)``.
+
+        Args:
+            x_s: Samples at the cleaner level ``s``.
+            noise: Standard Gaussian noise like ``x_s``.
+            t: Noisier level(s), ``t > s`` (``sigma_{t|s} > 0``).
+            s: The level of ``x_s``.
+
+        Returns:
+            ``(x_t, x0_hat, eps_hat)`` in the dtype of ``x_s``.
+        """
+        wd = _work_dtype(x_s.device)
+        _, s_ts = self.conditional_kernel(t, s)
+        if bool((s_ts <= 0).any()):
+            raise ValueError("subinterval_x0_eps needs t > s (sigma_{t|s} > 0); draw t above s, e.g. with "
+                             "sample_subinterval_timesteps.")
+        s_ts = s_ts.to(wd).to(x_s.device)
+        a_t, sig_t = self.alpha_sigma(t, device=x_s.device)
+        x, n = x_s.to(wd), noise.to(wd)
+        x_t = self.add_noise_from(x, n, t, s)
+        eps_hat = _expand(sig_t / s_ts, x) * n
+        x0_hat = (x_t - _expand(sig_t, x) * eps_hat) / _expand(a_t, x)
+        return x_t.to(x_s.dtype), x0_hat.to(x_s.dtype), eps_hat.to(x_s.dtype)
+
+    def sample_subinterval_timesteps(
+        self,
+        batch_size: int,
+        s: float,
+        high: float | None = None,
+        margin: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Re-noise levels ``[B]`` (float64) above a phase boundary ``s``: uniform over ``(s + margin, high]``.
+
+        Phased DMD draws the re-noise ``t`` in ``(t_k, T]`` ("reverse nested"; ``high`` = the previous boundary
+        gives the disjoint ablation). ``margin`` (timestep units) keeps ``t`` away from the ``sigma_{t|s} -> 0``
+        singularity, LightX2V's alternative to the clamp of Eq. 13. The base rule is continuous (flow);
+        :class:`VPSchedule` draws integer indices.
+
+        Args:
+            batch_size: Number of levels.
+            s: The boundary (exclusive).
+            high: Upper end (inclusive); default ``max_timestep``.
+            margin: Extra gap above ``s``.
+            generator: The caller's explicit generator.
+        """
+        lo, hi = self._subinterval_range(s, high, margin)
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        return hi - (hi - lo) * u  # (lo, hi]
+
+    def _subinterval_range(self, s: float, high: float | None, margin: float) -> tuple[float, float]:
+        hi = self.max_timestep if high is None else float(high)
+        lo = float(s) + float(margin)
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}.")
+        if not 0 <= float(s) < hi <= self.max_timestep or not lo < hi:
+            raise ValueError(f"No re-noise level in ({lo:g}, {hi:g}]: need 0 <= s + margin < high <= "
+                             f"{self.max_timestep:g} (s={float(s):g}, margin={float(margin):g}).")
+        return lo, hi
 
     def validate_timesteps(self, timesteps: Sequence[float] | torch.Tensor) -> list[float]:
         """Check a sampling timestep list: non-empty, strictly decreasing, inside the valid range.
@@ -452,6 +545,21 @@ class VPSchedule(NoiseSchedule):
     def _grid_values(self, grid: torch.Tensor) -> torch.Tensor:
         """VP grids are rounded to the discrete indices the network was trained on."""
         return grid.round()
+
+    def sample_subinterval_timesteps(
+        self,
+        batch_size: int,
+        s: float,
+        high: float | None = None,
+        margin: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Integer indices uniform over ``(s + margin, high]`` (:meth:`NoiseSchedule.sample_subinterval_timesteps`)."""
+        lo, hi = self._subinterval_range(s, high, margin)
+        first, last = math.floor(lo) + 1, math.floor(hi)
+        if first > last:
+            raise ValueError(f"No integer timestep in ({lo:g}, {hi:g}]: lower the margin or widen the interval.")
+        return torch.randint(first, last + 1, (batch_size,), generator=generator).double()
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """VP networks take the discrete index itself: a long tensor when integral, else float32.

@@ -316,9 +316,9 @@ def test_bench_digits_smoke(world, tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     payload = bench.main([
-        "--teacher", str(world / "teacher"), "--classifier", str(world / "clf"), "--num_samples", str(N),
-        "--seeds", "2", "--steps", "1", "--reference_steps", "2", "--batch_size", "35",
-        "--student", f"tiny={world / 'student'}:999,499", "--out", str(out),
+        "--teacher", str(world / "teacher"), "--classifier", str(world / "clf"), "--num_samples", "170",
+        "--bootstrap", "20", "--steps", "1", "--reference_steps", "2", "--batch_size", "85",
+        "--student", f"tiny={world / 'student'}:999,499", "--baseline", "teacher, 1 step", "--out", str(out),
     ])  # fmt: skip
     names = [r["name"] for r in payload["rows"]]
     assert names == ["real (train split)", "teacher, 1 step", "teacher, 2 steps", "tiny"]
@@ -326,12 +326,18 @@ def test_bench_digits_smoke(world, tmp_path, capsys):
     assert (
         rows["teacher, 1 step"]["nfe"] == 1 and rows["tiny"]["nfe"] == 2 and rows["real (train split)"]["nfe"] is None
     )
-    assert rows["teacher, 2 steps"]["speedup"] == pytest.approx(1.0)
-    assert len(rows["tiny"]["fid"]["values"]) == 2 and rows["tiny"]["fid"]["std"] >= 0
+    assert rows["teacher, 2 steps"]["speedup"] == pytest.approx(1.0) and rows["real (train split)"]["n"] == 1397
+    for metric in ("fid", "fid_inf", "kid", "precision", "recall", "excess_over_floor"):
+        cell = rows["tiny"][metric]
+        assert cell["low"] <= cell["value"] <= cell["high"], metric
+    assert rows["tiny"]["vs_teacher"]["against"] == "teacher, 2 steps"
+    assert rows["tiny"]["vs_baseline"]["fid_inf"]["verdict"] in ("better", "worse", "not resolved")
+    assert "vs_baseline" not in rows["teacher, 1 step"] and "vs_teacher" not in rows["teacher, 2 steps"]
     table = capsys.readouterr().out
     assert "| teacher, 1 step | 1 |" in table and "Reproduce: `python eval/bench_digits.py" in table
+    assert "| tiny | " in table.split("FID∞ − 2-step teacher")[1]  # the verdict table
     protocol = json.loads(out.read_text())["protocol"]
-    assert protocol["num_samples"] == N and "--out" not in protocol["command"]
+    assert protocol["num_samples"] == 170 and "--out" not in protocol["command"]
     assert bench.parse_student("a=/x/y:999,499") == ("a", "/x/y", [999, 499])
     assert bench.parse_student("b=C:/dir") == ("b", "C:/dir", None)
 

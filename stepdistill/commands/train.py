@@ -20,7 +20,7 @@ from typing import Any
 
 from ..configs import parse_config
 from ..loading import ModelFolderError
-from ..trainers import BOOTConfig, BOOTTrainer, DMDConfig, DMDTrainer
+from ..trainers import BOOTConfig, BOOTTrainer, DMDConfig, DMDTrainer, PhasedDMDConfig, PhasedDMDTrainer
 from ..trainers.base import NonFiniteLossError
 from ..trainers.checkpointing import CheckpointMismatchError
 from .common import user_errors
@@ -28,6 +28,7 @@ from .common import user_errors
 #: ``method: (config dataclass, trainer class)``; a new method is one entry here.
 METHODS: dict[str, tuple[type, type]] = {
     "dmd": (DMDConfig, DMDTrainer),
+    "phased-dmd": (PhasedDMDConfig, PhasedDMDTrainer),
     "boot": (BOOTConfig, BOOTTrainer),
 }
 #: Errors reported as one line (exit status 1): bad recipes / flags, missing or unusable model folders.

@@ -6,6 +6,7 @@ trainer's explicit ``generator``. No Accelerate in here.
 
 * :mod:`.distribution_matching` -- DMD's generator gradient and its stop-gradient surrogate;
 * :mod:`.score_matching` -- denoising score matching (fake-score critics, denoisers);
+* :mod:`.subinterval` -- Phased DMD's subinterval score matching and boundary DM loss;
 * :mod:`.critic` -- DMD's critic objective (score matching + discriminator) in one critic forward;
 * :mod:`.gan` -- non-saturating GAN losses and the diffusion-GAN input noise;
 * :mod:`.regression` -- DMD1's regression distances (MSE, digits features, LPIPS);
@@ -32,6 +33,12 @@ from .regression import (
     digits_classifier_activations,
 )
 from .score_matching import DenoisingScoreMatchingLoss, NoisedBatch
+from .subinterval import (
+    NaiveSubintervalScoreMatchingLoss,
+    SubintervalBatch,
+    SubintervalDistributionMatchingLoss,
+    SubintervalScoreMatchingLoss,
+)
 
 __all__ = [
     "REGRESSION_DISTANCES",
@@ -46,8 +53,12 @@ __all__ = [
     "GANInputNoise",
     "LPIPSDistance",
     "MSEDistance",
+    "NaiveSubintervalScoreMatchingLoss",
     "NoisedBatch",
     "RegressionDistance",
+    "SubintervalBatch",
+    "SubintervalDistributionMatchingLoss",
+    "SubintervalScoreMatchingLoss",
     "SignalBootstrapLoss",
     "SignalBoundaryLoss",
     "bootstrap_target",

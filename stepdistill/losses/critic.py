@@ -84,7 +84,7 @@ class FakeScoreLoss:
             times += [t_fake, t_real]
             conds += [cond.to(device), real_cond.to(device)]
         all_cond = Conditioning.cat(conds) if not conds[0].is_empty else None
-        _, _, model_output, logits = critic(torch.cat(inputs), torch.cat(times).to(device), all_cond)
+        _, _, model_output, logits = critic(torch.cat(inputs), torch.cat(times), all_cond)  # t stays on the host
         terms = CriticTerms(self.score_matching(model_output[:b], noised.target))
         if self.gan_inputs is not None:
             terms.discriminator = self.discriminator(logits[b:2 * b], logits[2 * b:])

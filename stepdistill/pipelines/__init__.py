@@ -22,6 +22,7 @@ from .export import (
 )
 from .mixin import StepDistillPipelineMixin
 from .pipeline_hybrid import HybridDiversityPipeline, HybridDiversityPipelineOutput, HybridPlan, sample_hybrid
+from .pipeline_phased import PhasedExpertsPipeline, PhasedExpertsPipelineOutput, save_phased_experts
 from .pipeline_stepdistill import (
     StepDistillPipeline,
     StepDistillPipelineOutput,
@@ -40,7 +41,7 @@ def register_with_diffusers() -> None:
     """
     import diffusers
 
-    for cls in (StepDistillPipeline, HybridDiversityPipeline):
+    for cls in (StepDistillPipeline, HybridDiversityPipeline, PhasedExpertsPipeline):
         if getattr(diffusers, cls.__name__, None) is None:
             setattr(diffusers, cls.__name__, cls)
 
@@ -52,6 +53,8 @@ __all__ = [
     "HybridDiversityPipeline",
     "HybridDiversityPipelineOutput",
     "HybridPlan",
+    "PhasedExpertsPipeline",
+    "PhasedExpertsPipelineOutput",
     "StepDistillPipeline",
     "StepDistillPipelineMixin",
     "StepDistillPipelineOutput",
@@ -66,6 +69,7 @@ __all__ = [
     "lcm_scheduler_for_student",
     "register_with_diffusers",
     "sample_hybrid",
+    "save_phased_experts",
     "teacher_kind",
     "write_model_card",
 ]

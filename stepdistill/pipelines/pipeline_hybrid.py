@@ -374,7 +374,7 @@ class HybridDiversityPipeline(DiffusionPipeline, StepDistillPipelineMixin):
     @property
     def base_schedule(self) -> NoiseSchedule:
         """The base's noise schedule (from ``base_scheduler.config``)."""
-        return NoiseSchedule.from_scheduler_config(dict(self.base_scheduler.config))
+        return self.schedule_of(self.base_scheduler)
 
     @property
     def base_denoiser(self) -> Denoiser:

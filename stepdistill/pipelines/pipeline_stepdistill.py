@@ -207,8 +207,9 @@ class StepDistillPipeline(DiffusionPipeline, StepDistillPipelineMixin):
         self._do_classifier_free_guidance = guidance_scale > 1.0
         self._cross_attention_kwargs = cross_attention_kwargs
         denoiser = Denoiser.from_model(self.unet, self.schedule, attention_kwargs=cross_attention_kwargs)
-        ts = self._resolve_timesteps(num_inference_steps, timesteps, 1 if self.is_student else DEFAULT_TEACHER_STEPS)
-        plan = StepPlan.single("unet", ts, "renoise" if self.is_student else "ode",
+        student = self.is_student
+        ts = self._resolve_timesteps(num_inference_steps, timesteps, 1 if student else DEFAULT_TEACHER_STEPS)
+        plan = StepPlan.single("unet", ts, "renoise" if student else "ode",
                                guidance_scale if self.do_classifier_free_guidance else None)  # fmt: skip
 
         # 1-3. Check inputs, encode the conditioning, starting latents

@@ -4,6 +4,7 @@ from ..configs import parse_config
 from .base import DistillationTrainer, NonFiniteLossError, OptimizerSettings, ParamGroup, TrainerConfig
 from .boot import BOOTConfig, BOOTTrainer
 from .dmd import DMDConfig, DMDTrainer
+from .phased_dmd import PhasedDMDConfig, PhasedDMDTrainer
 
 __all__ = [
     "BOOTConfig",
@@ -14,6 +15,8 @@ __all__ = [
     "NonFiniteLossError",
     "OptimizerSettings",
     "ParamGroup",
+    "PhasedDMDConfig",
+    "PhasedDMDTrainer",
     "TrainerConfig",
     "parse_config",
 ]

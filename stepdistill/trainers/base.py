@@ -594,7 +594,15 @@ class DistillationTrainer:
             self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
 
     def optimizer_step(self, name: str) -> float:
-        """Clip, step and zero the optimizer of ``name``, update its EMA; return the pre-clip gradient norm."""
+        """Clip, step and zero the optimizer of ``name``, update its EMA; return the pre-clip gradient norm.
+
+        The norm comes back as a Python float, which waits for the device; :meth:`optimizer_step_norm` keeps it a
+        tensor (what ``training_step`` should return, reduced only at logging steps).
+        """
+        return float(self.optimizer_step_norm(name))
+
+    def optimizer_step_norm(self, name: str) -> torch.Tensor:
+        """:meth:`optimizer_step` without a host sync: the pre-clip gradient norm as a 0-d float32 tensor."""
         t = self.trainables[name]
         if t.frozen:
             raise RuntimeError(f"Trainable {name!r} is frozen: it takes no optimizer steps.")
@@ -615,7 +623,9 @@ class DistillationTrainer:
         t.optimizer.zero_grad(set_to_none=True)
         if t.ema is not None:
             t.ema.step(self.unwrap(name).parameters())
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            return torch.tensor(float("nan"))
+        return norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
     def zero_grad(self) -> None:
         """Zero the gradients of every trainable."""
@@ -1118,13 +1128,14 @@ class DistillationTrainer:
         vec = self.accelerator.reduce(vec, reduction="mean") if self.accelerator.num_processes > 1 else vec
         return dict(zip(keys, vec.cpu().tolist()))
 
-    def _check_finite(self, metrics: Mapping[str, float]) -> None:
+    def _check_finite(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         bad = {k: v for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)}
         if bad:
             last = self.last_checkpoint()
             where = f"the last good checkpoint is {str(last)!r}" if last else "no checkpoint had been written yet"
             raise NonFiniteLossError(
-                f"Non-finite loss at iteration {self.global_step}: {bad}. Training stopped without saving; "
+                f"Non-finite loss at iteration {self.global_step if step is None else step}: {bad}. Training "
+                "stopped without saving; "
                 f"{where} (resume with --resume_from_checkpoint latest). Usual causes: a learning rate too "
                 "high, fp16 overflow (try bf16), or a teacher/conditioning-timestep pair with ill-conditioned "
                 "x0 (e.g. an eps-prediction teacher at t=999)."
@@ -1157,18 +1168,31 @@ class DistillationTrainer:
         t0 = time.time()
         metrics: dict[str, float] = {}
         window: dict[str, tuple[float, int]] = {}
+        pending: list[tuple[int, Mapping[str, torch.Tensor | float]]] = []  # iterations not yet read back
         for step in bar:
             raw = self.training_step(step)
             for t in self.trainables.values():
                 if not t.frozen:
                     t.lr_scheduler.step()
-            metrics = self._reduce_metrics(raw)
-            self._check_finite(metrics)
             self.global_step = step + 1
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss/")})
-            for k, v in metrics.items():  # running means over the logging window
-                total, count = window.get(k, (0.0, 0))
-                window[k] = (total + v, count + 1)
+            pending.append((step, raw))
+            # Metrics stay on the device until a step that needs them (a log line, a checkpoint, samples, an
+            # evaluation, the end; every step without logging): one host sync per window instead of one per
+            # iteration, and the same values, reduced and checked iteration by iteration in order. A non-finite
+            # loss therefore stops training before any checkpoint is written after it, naming its iteration.
+            g = self.global_step
+            if (not cfg.log_every or g % cfg.log_every == 0 or g == cfg.max_train_steps
+                    or (cfg.checkpointing_steps and g % cfg.checkpointing_steps == 0)
+                    or (cfg.sample_every and g % cfg.sample_every == 0)
+                    or (cfg.eval_every and g % cfg.eval_every == 0)):
+                for done, values in pending:
+                    metrics = self._reduce_metrics(values)
+                    self._check_finite(metrics, done)
+                    for k, v in metrics.items():  # running means over the logging window
+                        total, count = window.get(k, (0.0, 0))
+                        window[k] = (total + v, count + 1)
+                pending = []
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss/")})
             if cfg.log_every and self.global_step % cfg.log_every == 0:
                 logs = {k: total / count for k, (total, count) in window.items()}
                 window = {}

@@ -260,7 +260,7 @@ class BOOTTrainer(DistillationTrainer):
             for key, value in parts.items():
                 metrics.setdefault(key, []).append(value.float().cpu())
         out = {k: torch.stack(v).mean() for k, v in metrics.items()}
-        out["grad_norm/student"] = torch.tensor(self.optimizer_step("student"))
+        out["grad_norm/student"] = self.optimizer_step_norm("student")
         self.zero_grad()
         return out
 

@@ -358,9 +358,9 @@ class DMDTrainer(DistillationTrainer):
         cfg = self.config
         metrics: dict[str, list[torch.Tensor]] = {}
 
-        def add(parts: dict[str, torch.Tensor]) -> None:
+        def add(parts: dict[str, torch.Tensor]) -> None:  # kept on the device: the loop reads them at log steps
             for k, v in parts.items():
-                metrics.setdefault(k, []).append(v.float().cpu())
+                metrics.setdefault(k, []).append(v.detach().float())
 
         gen_turn = self.should_update("generator", step)
         samples = []
@@ -395,7 +395,7 @@ class DMDTrainer(DistillationTrainer):
         finally:
             self.critic.requires_grad_(True)
         if gen_turn:
-            add({"grad_norm/generator": torch.tensor(self.optimizer_step("generator"))})
+            add({"grad_norm/generator": self.optimizer_step_norm("generator")})
         self.zero_grad()
         # 2. critic turn on the freshest samples
         for micro, (x, cond, real, real_cond) in enumerate(samples):
@@ -403,7 +403,7 @@ class DMDTrainer(DistillationTrainer):
                 loss, parts = self.critic_loss(x, cond, real, real_cond)
                 self.backward(loss, "critic")
             add(parts)
-        add({"grad_norm/critic": torch.tensor(self.optimizer_step("critic"))})
+        add({"grad_norm/critic": self.optimizer_step_norm("critic")})
         self.zero_grad()
         return {k: torch.stack(v).mean() for k, v in metrics.items()}
 

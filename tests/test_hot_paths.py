@@ -1,0 +1,190 @@
+"""The lean hot paths: no per-call module walks through diffusers, no host reads in sampling and training steps.
+
+No timings here (they live in ``eval/bench_speed.py``): these tests check what the speed work must not change --
+the outputs, bit for bit -- and count the expensive lookups and host reads it removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from diffusers import LCMScheduler, UNet2DModel
+
+from stepdistill import VPSchedule, initial_noise, make_generators
+from stepdistill.data.digits_models import teacher_scheduler, teacher_unet
+from stepdistill.pipelines import StepDistillPipeline
+from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
+
+TINY = dict(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    model = teacher_unet(**TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _pipe(unet: UNet2DModel) -> StepDistillPipeline:
+    pipe = StepDistillPipeline(unet=unet, scheduler=LCMScheduler.from_config(teacher_scheduler().config),
+                               null_class_label=10)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def execution_device_reads(monkeypatch) -> dict[str, int]:
+    """Count reads of diffusers' ``_execution_device`` (which walks every module of every component)."""
+    reads = {"n": 0}
+    original = StepDistillPipeline._execution_device
+
+    def counted(self):
+        reads["n"] += 1
+        return original.fget(self)
+
+    monkeypatch.setattr(StepDistillPipeline, "_execution_device", property(counted))
+    return reads
+
+
+@pytest.mark.parametrize("timesteps", [[999], [999, 749, 499, 249]])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_output_is_the_network_passes_bit_for_bit(unet, timesteps, batch):
+    """The pipeline adds nothing numerically: its output is the plain loop of forwards on the same noise, exactly.
+
+    (Rows of a batch of 16 match single-image calls only to ~1e-6 on a CPU, as conv kernels differ with the batch
+    size -- ``test_pipelines.py`` checks that; here each batch size is compared with its own forwards.)
+    """
+    pipe = _pipe(unet)
+    labels = torch.tensor([i % 10 for i in range(batch)])
+    out = pipe(class_labels=labels.tolist(), timesteps=timesteps, generator=make_generators(range(batch)),
+               output_type="latent").images
+    gens = make_generators(range(batch))
+    x = initial_noise((batch, 1, 8, 8), gens)
+    schedule = pipe.schedule
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            v = unet(x, torch.full((batch,), t, dtype=torch.long), class_labels=labels).sample
+            x0, _ = schedule.to_x0_eps(v, x, t)
+            if i + 1 < len(timesteps):  # fresh noise for the next step, drawn as the pipeline draws it
+                x = schedule.add_noise(x0, initial_noise(x0.shape, gens), timesteps[i + 1]).float()
+    assert torch.equal(out, x0.float())
+
+
+def test_execution_device_is_not_walked_without_hooks(unet, execution_device_reads):
+    pipe = _pipe(unet)
+    first = pipe(class_labels=[3, 4], generator=make_generators([0, 1]), output_type="latent").images
+    assert execution_device_reads["n"] == 0
+    assert pipe._device_of(pipe.denoiser) == pipe._execution_device == torch.device("cpu")
+
+    # with an accelerate hook (what CPU offload installs), diffusers' answer is read, once per call
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    add_hook_to_module(unet.conv_in, AlignDevicesHook(execution_device="cpu"))
+    try:
+        execution_device_reads["n"] = 0
+        hooked = pipe(class_labels=[3, 4], generator=make_generators([0, 1]), output_type="latent").images
+        assert execution_device_reads["n"] == 1
+        assert torch.equal(hooked, first)
+    finally:
+        remove_hook_from_module(unet.conv_in)
+
+
+def test_schedule_is_built_once_per_scheduler_config(unet):
+    pipe = _pipe(unet)
+    assert pipe.schedule is pipe.schedule
+    before = pipe.schedule
+    pipe.scheduler = LCMScheduler.from_config(teacher_scheduler().config, prediction_type="epsilon")
+    assert pipe.schedule is not before and pipe.schedule.prediction_type == "epsilon"
+
+
+def test_timestep_checks_and_coefficients_run_where_t_lives():
+    """Checks run on the host before a move: a 'meta' target (no data, like an accelerator never read) works."""
+    schedule = VPSchedule.from_config(dict(teacher_scheduler().config), prediction_type="epsilon")
+    t = schedule.as_timesteps(999, batch_size=3, device="meta")
+    assert t.device.type == "meta" and t.shape == (3,)
+    alpha, sigma = schedule.alpha_sigma(torch.tensor([10.0, 500.0]), device="meta")
+    assert alpha.device.type == "meta" and sigma.shape == (2,)
+    x = torch.empty(3, 1, 8, 8, device="meta")
+    x0, eps = schedule.to_x0_eps(torch.empty_like(x), x, 999)
+    assert x0.device.type == "meta" and eps.shape == x.shape
+    with pytest.raises(ValueError, match="out of range"):
+        schedule.as_timesteps(1000, device="meta")
+    # and the host values are the ones the device computes with
+    a_host, _ = schedule.alpha_sigma(torch.tensor([10.0, 500.0]))
+    a_dev, _ = schedule.alpha_sigma(torch.tensor([10.0, 500.0]), device="cpu")
+    assert torch.equal(a_host, a_dev)
+
+
+def _dmd_config(teacher, out, **overrides) -> DMDConfig:
+    base = dict(teacher=str(teacher), output_dir=str(out), max_train_steps=4, train_batch_size=4,
+                generator_learning_rate=1e-3, critic_learning_rate=1e-3, lr_warmup_steps=0,
+                critic_updates_per_generator_update=2, checkpointing_steps=0, log_every=1, eval_num_samples=0,
+                sample_every=0, sample_grid_size=4, seed=3, export=False, student_timesteps=[399])
+    base.update(overrides)
+    return DMDConfig(**base)
+
+
+def test_training_step_reads_nothing_back_to_the_host(tiny_teacher, tmp_path, monkeypatch):
+    """Metrics and gradient norms stay tensors inside an iteration; the loop reads them at log steps.
+
+    Counts reads made by stepdistill's own code (torch's CPU Adam reads its step counter, a host tensor).
+    """
+    trainer = DMDTrainer(_dmd_config(tiny_teacher, tmp_path / "run", log_every=0))
+    reads: list[str] = []
+    for name in ("item", "tolist", "cpu", "numpy", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}stepdistill{os.sep}" in caller:
+                reads.append(f"{_name} in {caller}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    keys = set()
+    for step in (0, 1):  # a generator turn and a critic-only turn
+        metrics = trainer.training_step(step)
+        assert all(torch.is_tensor(v) for v in metrics.values())
+        keys |= set(metrics)
+    monkeypatch.undo()
+    assert reads == []
+    assert {"loss/dm", "loss/fake_score", "grad_norm/generator", "grad_norm/critic"} <= keys
+
+
+def test_logged_window_means_are_those_of_every_iteration(tiny_teacher, tmp_path):
+    """Reading metrics back once per window logs the same numbers as reading them every iteration."""
+    records = {}
+    for every in (1, 2):
+        out = tmp_path / f"every{every}"
+        DMDTrainer(_dmd_config(tiny_teacher, out, log_every=every)).train()
+        records[every] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_step = {r["step"]: r for r in records[1] if "loss/fake_score" in r}
+    windows = [r for r in records[2] if "loss/fake_score" in r]
+    assert [r["step"] for r in windows] == [2, 4]
+    for r in windows:
+        a, b = per_step[r["step"] - 1], per_step[r["step"]]
+        for key in ("loss/fake_score", "grad_norm/critic"):
+            assert r[key] == (a[key] + b[key]) / 2, key
+        # loss/dm exists on generator turns (iterations 0 and 2, logged as steps 1 and 3): one value per window
+        assert r["loss/dm"] == a["loss/dm"]
+
+
+def test_conditioning_to_rebuilds_nothing_already_in_place():
+    from stepdistill import Conditioning
+
+    neg = Conditioning(prompt_embeds=torch.zeros(2, 3, 4))
+    cond = Conditioning(prompt_embeds=torch.ones(2, 3, 4), negative=neg)
+    assert cond.to("cpu") is cond and cond.to(torch.device("cpu"), torch.float32) is cond
+    moved = cond.to(dtype=torch.float64)
+    assert moved is not cond and moved.prompt_embeds.dtype == moved.negative.prompt_embeds.dtype == torch.float64
+    labels = Conditioning(class_labels=torch.tensor([1, 2]), null_class_label=10)
+    assert labels.to("cpu", torch.float16) is labels  # integer labels are never cast
+    assert labels.to("meta") is not labels and labels.to("meta").class_labels.device.type == "meta"
