@@ -9,6 +9,8 @@ same small API, so samplers and losses never branch on the teacher family:
 * :meth:`NoiseSchedule.target` -- the training target of the network for ``(x0, eps)``;
 * :meth:`NoiseSchedule.model_timestep` -- the value the network is fed as ``timestep``;
 * :meth:`NoiseSchedule.conditional_kernel` -- ``x_t | x_s`` between two noise levels;
+* :meth:`NoiseSchedule.signal_step_size`, :meth:`NoiseSchedule.signal_to_x`, :meth:`NoiseSchedule.x_to_signal`,
+  :meth:`NoiseSchedule.signal_grid` -- BOOT's signal ODE;
 * :meth:`NoiseSchedule.add_noise_from`, :meth:`NoiseSchedule.subinterval_x0_eps` -- Phased DMD's conditional
   noising and unbiased ``(x0, eps)`` stand-ins from ``x_s``;
 * :meth:`NoiseSchedule.log_snr`, :meth:`NoiseSchedule.inference_timesteps`,
@@ -264,6 +266,62 @@ class NoiseSchedule(ABC):
         var = (s_t * s_t - a_ts * a_ts * s_s * s_s).clamp_min(0.0)
         return a_ts, var.sqrt()
 
+    # ----------------------------------------------------------------------------------------------
+    # BOOT's signal ODE (Gu et al. 2023, arXiv 2306.05544): y_t = (x_t - sigma_t eps) / alpha_t for a fixed eps
+    def signal_step_size(self, t: TimestepLike, s: TimestepLike) -> torch.Tensor:
+        """BOOT's exact step coefficient ``delta = 1 - (sigma_s alpha_t) / (alpha_s sigma_t)`` from ``t`` to ``s < t``.
+
+        One DDIM (probability-flow; Euler for rectified flow) step of an x0-predictor ``f`` from ``t`` to ``s``,
+        written in signal space with the same ``eps``, is ``y_s = y_t + delta (f - y_t)``. With BOOT's
+        ``lambda_t = -log(alpha_t / sigma_t)``, ``delta = 1 - exp(lambda_s - lambda_t)`` (``~ lambda_t - lambda_s``
+        for small steps). It lies in ``(0, 1]``: ``1`` where ``alpha_t = 0`` (pure noise) or ``sigma_s = 0``.
+
+        Raises:
+            ValueError: ``s >= t`` somewhere, or ``alpha_s = 0`` / ``sigma_t = 0`` (the ratio divides by zero).
+        """
+        ts, ss = self.as_timesteps(t), self.as_timesteps(s)
+        if (ss >= ts).any():
+            raise ValueError(f"signal_step_size needs s < t (s is the cleaner level); got t={t}, s={s}.")
+        a_t, s_t = self._alpha_sigma(ts)
+        a_s, s_s = self._alpha_sigma(ss)
+        if bool((a_s == 0).any()) or bool((s_t == 0).any()):
+            raise ValueError(f"The signal step from t={t} to s={s} divides by zero (alpha_s = 0 or sigma_t = 0).")
+        return 1.0 - (s_s * a_t) / (a_s * s_t)
+
+    def signal_to_x(self, y: torch.Tensor, eps: torch.Tensor, t: TimestepLike) -> torch.Tensor:
+        """The trajectory point ``x_t = alpha_t y_t + sigma_t eps`` of signal ``y_t`` (dtype of ``y``)."""
+        return self.add_noise(y, eps, t)
+
+    def x_to_signal(self, x_t: torch.Tensor, eps: torch.Tensor, t: TimestepLike) -> torch.Tensor:
+        """The signal ``y_t = (x_t - sigma_t eps) / alpha_t`` of a trajectory point (float64 inside).
+
+        Raises:
+            ValueError: where ``alpha_t = 0`` (the signal is undefined at pure noise).
+        """
+        alpha, sigma = self.alpha_sigma(t, device=x_t.device)
+        if bool((alpha == 0).any()):
+            raise ValueError(f"The signal y_t = (x_t - sigma_t eps) / alpha_t is undefined at t={t} (alpha_t = 0).")
+        y = (x_t.to(alpha.dtype) - _expand(sigma, x_t) * eps.to(alpha.dtype)) / _expand(alpha, x_t)
+        return y.to(_out_dtype(x_t, eps))
+
+    def signal_grid(self, num_steps: int, end: float | None = None) -> torch.Tensor:
+        """``num_steps + 1`` increasing timesteps from ``0`` to ``end`` (default: the noise end), evenly spaced.
+
+        BOOT bootstraps between neighbours of this grid (``s = grid[k - 1]``, ``t = grid[k]``).
+        """
+        end = self.max_timestep if end is None else float(end)
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        grid = self._grid_values(torch.linspace(0.0, end, num_steps + 1, dtype=torch.float64))
+        if bool((grid[1:] <= grid[:-1]).any()):
+            raise ValueError(f"{num_steps} steps up to t={end:g} repeat a timestep of this {self.family} schedule: "
+                             "use fewer steps.")
+        return self.as_timesteps(grid)
+
+    def _grid_values(self, grid: torch.Tensor) -> torch.Tensor:
+        """Snap an evenly spaced grid to the schedule's natural timesteps (continuous: unchanged)."""
+        return grid
+
     def add_noise_from(self, x_s: torch.Tensor, noise: torch.Tensor, t: TimestepLike, s: TimestepLike) -> torch.Tensor:
         """Return ``x_t = alpha_{t|s} x_s + sigma_{t|s} noise`` (:meth:`conditional_kernel`) in the dtype of ``x_s``."""
         a_ts, s_ts = self.conditional_kernel(t, s)
@@ -483,6 +541,10 @@ class VPSchedule(NoiseSchedule):
         T = self.num_train_timesteps
         lo, hi = int(low * T), min(int(high * T), T - 1)
         return torch.randint(lo, hi + 1, (batch_size,), generator=generator).double()
+
+    def _grid_values(self, grid: torch.Tensor) -> torch.Tensor:
+        """VP grids are rounded to the discrete indices the network was trained on."""
+        return grid.round()
 
     def sample_subinterval_timesteps(
         self,

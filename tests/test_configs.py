@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from recipe_methods import RECIPES, recipe_config
 
 from stepdistill.configs import ConfigParser, field_value_parser, parse_config, parse_configs
 from stepdistill.trainers.digits_world import ClassifierConfig, TeacherConfig
 from stepdistill.trainers.dmd import DMDConfig
-from stepdistill.trainers.msd import MSDConfig
-from stepdistill.trainers.phased_dmd import PhasedDMDConfig
 from stepdistill.trainers.style_lora import StyleLoraConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,12 +103,9 @@ def test_flags_override_the_recipe_and_validation_runs(tmp_path):
 
 
 def test_every_shipped_recipe_parses():
-    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
-    assert recipes
-    for recipe in recipes:  # each with its method's config (Phased DMD: *phased*, MSD: digits_msd*)
-        config_cls = PhasedDMDConfig if "phased" in recipe.name else MSDConfig if recipe.name.startswith(
-            "digits_msd") else DMDConfig
-        parse_config(config_cls, ["--config", str(recipe)])
+    assert RECIPES
+    for recipe in RECIPES:
+        parse_config(recipe_config(recipe), ["--config", str(recipe)])
 
 
 def test_unknown_recipe_key_names_the_valid_keys(tmp_path):

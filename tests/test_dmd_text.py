@@ -17,6 +17,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from recipe_methods import RECIPES, recipe_config
 from tiny_models import (
     TinyCustom,
     clip_text_encoder,
@@ -215,15 +216,9 @@ def test_image_folder_with_classes_feeds_a_pixel_teacher(tiny_teacher, tmp_path)
     _check_trains(trainer)
 
 
-RECIPES = [r for r in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-           if not r.name.startswith("digits_msd")]  # MSD recipes: tests/test_configs.py
-
-
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_parses(recipe):
-    from stepdistill.trainers import PhasedDMDConfig
-
-    cfg = parse_config(PhasedDMDConfig if "phased" in recipe.name else DMDConfig, ["--config", str(recipe)])
+    cfg = parse_config(recipe_config(recipe), ["--config", str(recipe)])
     assert cfg.teacher and cfg.max_train_steps > 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_methods import RECIPES, recipe_config
 
 from stepdistill import Conditioning, VPSchedule
 from stepdistill.configs import parse_config
@@ -186,9 +187,8 @@ def test_parse_config_yaml_then_cli_overrides(tmp_path):
                                    "--use_ema", "false", "--real_guidance_scale", "none"])
     assert cfg.generator_learning_rate == 1e-5 and cfg.student_timesteps == [999.0, 666.0, 333.0]
     assert cfg.use_ema is False and cfg.real_guidance_scale is None and cfg.uses_backward_simulation
-    for recipe_file in sorted((ROOT / "recipes").glob("*.yaml")):
-        if "phased" not in recipe_file.name and not recipe_file.name.startswith("digits_msd"):  # own tests
-            parse_config(DMDConfig, ["--config", str(recipe_file)])
+    for recipe_file in RECIPES:
+        parse_config(recipe_config(recipe_file), ["--config", str(recipe_file)])
 
 
 @pytest.mark.parametrize("mode", ["full_gan", "shared_lora"])

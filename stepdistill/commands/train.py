@@ -1,6 +1,7 @@
 r"""``stepdistill train <method>``: distill a teacher into a one- or few-step student.
 
     stepdistill train dmd --config recipes/digits_dmd2_1step.yaml
+    stepdistill train boot --config recipes/digits_boot_1step.yaml
     stepdistill train dmd --teacher digits --student_timesteps 999,749,499,249 --output_dir runs/try
     accelerate launch --multi_gpu --num_processes 2 -m stepdistill train dmd --config recipes/digits_dmd2_4step.yaml
 
@@ -19,7 +20,16 @@ from typing import Any
 
 from ..configs import parse_config
 from ..loading import ModelFolderError
-from ..trainers import DMDConfig, DMDTrainer, MSDConfig, MSDTrainer, PhasedDMDConfig, PhasedDMDTrainer
+from ..trainers import (
+    BOOTConfig,
+    BOOTTrainer,
+    DMDConfig,
+    DMDTrainer,
+    MSDConfig,
+    MSDTrainer,
+    PhasedDMDConfig,
+    PhasedDMDTrainer,
+)
 from ..trainers.base import NonFiniteLossError
 from ..trainers.checkpointing import CheckpointMismatchError
 from .common import user_errors
@@ -29,6 +39,7 @@ METHODS: dict[str, tuple[type, type]] = {
     "dmd": (DMDConfig, DMDTrainer),
     "msd": (MSDConfig, MSDTrainer),
     "phased-dmd": (PhasedDMDConfig, PhasedDMDTrainer),
+    "boot": (BOOTConfig, BOOTTrainer),
 }
 #: Errors reported as one line (exit status 1): bad recipes / flags, missing or unusable model folders.
 USER_ERRORS = (ValueError, FileNotFoundError, ModelFolderError)

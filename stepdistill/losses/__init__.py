@@ -9,9 +9,11 @@ trainer's explicit ``generator``. No Accelerate in here.
 * :mod:`.subinterval` -- Phased DMD's subinterval score matching and boundary DM loss;
 * :mod:`.critic` -- DMD's critic objective (score matching + discriminator) in one critic forward;
 * :mod:`.gan` -- non-saturating GAN losses and the diffusion-GAN input noise;
-* :mod:`.regression` -- DMD1's regression distances (MSE, digits features, LPIPS).
+* :mod:`.regression` -- DMD1's regression distances (MSE, digits features, LPIPS);
+* :mod:`.bootstrap` -- BOOT's bootstrapping and boundary losses on the signal ODE.
 """
 
+from .bootstrap import SignalBootstrapLoss, SignalBoundaryLoss, bootstrap_target
 from .critic import CriticTerms, FakeScoreLoss
 from .distribution_matching import (
     DistributionMatchingLoss,
@@ -57,6 +59,9 @@ __all__ = [
     "SubintervalBatch",
     "SubintervalDistributionMatchingLoss",
     "SubintervalScoreMatchingLoss",
+    "SignalBootstrapLoss",
+    "SignalBoundaryLoss",
+    "bootstrap_target",
     "build_regression_distance",
     "compute_distribution_matching_loss",
     "digits_classifier_activations",

@@ -2,11 +2,14 @@
 
 from ..configs import parse_config
 from .base import DistillationTrainer, NonFiniteLossError, OptimizerSettings, ParamGroup, TrainerConfig
+from .boot import BOOTConfig, BOOTTrainer
 from .dmd import DMDConfig, DMDTrainer
 from .msd import MSDConfig, MSDStudentTrainer, MSDTrainer, TSMTrainer
 from .phased_dmd import PhasedDMDConfig, PhasedDMDTrainer
 
 __all__ = [
+    "BOOTConfig",
+    "BOOTTrainer",
     "DMDConfig",
     "DMDTrainer",
     "DistillationTrainer",
