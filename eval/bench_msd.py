@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_digits import reproduce_command
 
 from stepdistill.data.digits import class_labels_like_reference, load_digits_split
 from stepdistill.data.digits_models import classifier_path
@@ -71,19 +72,6 @@ def summarize(values: list[float]) -> dict:
     """Mean, sample standard deviation and the per-seed values."""
     arr = np.asarray(values, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "values": arr.tolist()}
-
-
-def reproduce_command(argv: list[str]) -> str:
-    """The command line that regenerates the numbers (``--out`` / ``--markdown`` dropped)."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--out", "--markdown"):
-            skip = True
-        elif not arg.startswith(("--out=", "--markdown=")):
-            kept.append(arg)
-    return " ".join(["python", "eval/bench_msd.py", *kept])
 
 
 def networks(pipe) -> list[torch.nn.Module]:
@@ -183,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         latencies.append({"a": a, "b": b, "ms_a": ms[a], "ms_b": ms[b], "ratio": ms[a] / ms[b],
                           "params_a": pa, "params_b": pb, "param_ratio": pa / pb})
     protocol = {"num_samples": n, "seed_sets": args.seeds, "threads": torch.get_num_threads(),
-                "command": reproduce_command(argv if argv is not None else sys.argv[1:])}
+                "command": reproduce_command(argv if argv is not None else sys.argv[1:], "eval/bench_msd.py")}
     table = markdown(rows, pairs, latencies, protocol)
     print(table)
     payload = {"protocol": protocol, "rows": rows, "pairs": pairs, "latency": latencies, "markdown": table}

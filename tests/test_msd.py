@@ -243,9 +243,10 @@ def test_accelerate_launch_trains_every_student_with_ddp(tiny_teacher, tmp_path)
     assert RoutedStudentsPipeline.from_pretrained(out / "student").num_students == 2
 
 
-def test_bench_msd_smoke(tiny_teacher, tmp_path, capsys):
+def test_bench_msd_smoke(tiny_teacher, tmp_path, capsys, monkeypatch):
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(ROOT / "eval"))  # as when run as a script: bench_msd imports bench_digits
     MSDTrainer(_config(tiny_teacher, tmp_path / "run", max_train_steps=2)).train()
     spec = importlib.util.spec_from_file_location("bench_msd", ROOT / "eval" / "bench_msd.py")
     bench = importlib.util.module_from_spec(spec)
