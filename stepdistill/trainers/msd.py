@@ -229,8 +229,7 @@ class TSMTrainer(DistillationTrainer):
                 loss = per_sample_mean((out.float() - target) ** 2).mean()
                 self.backward(loss, "student")
             total = total + loss.detach().cpu() / cfg.gradient_accumulation_steps
-        norm = self.optimizer_step("student")
-        return {"loss/tsm": total, "grad_norm/student": torch.tensor(norm)}
+        return {"loss/tsm": total, "grad_norm/student": self.optimizer_step_norm("student")}
 
     def export(self, folder: Path) -> Path:
         """TSM exports nothing on its own: its network initialises the DMD stage."""

@@ -332,7 +332,7 @@ class PhasedDMDTrainer(DMDTrainer):
                 x_b, _, _ = self.phase_samples(cond, phase, grad=False)
             samples.append((x_b.detach(), cond))
         if gen_turn:
-            add({"grad_norm/generator": torch.tensor(self.optimizer_step(name))})
+            add({"grad_norm/generator": self.optimizer_step_norm(name)})
         self.zero_grad()
         for micro, (x_b, cond) in enumerate(samples):
             with self.sync_context("critic", micro):
@@ -343,7 +343,7 @@ class PhasedDMDTrainer(DMDTrainer):
                 loss = self.fake_score_loss(model_output, batch).mean()
                 self.backward(loss, "critic")
             add({"loss/fake_score": loss.detach()})
-        add({"grad_norm/critic": torch.tensor(self.optimizer_step("critic")),
+        add({"grad_norm/critic": self.optimizer_step_norm("critic"),
              "phase": torch.tensor(float(phase))})
         self.zero_grad()
         return {k: torch.stack(v).mean() for k, v in metrics.items()}
