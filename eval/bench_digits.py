@@ -121,6 +121,15 @@ def reproduce_command(argv: list[str], script: str = "eval/bench_digits.py") -> 
     return " ".join(["python", script, *without_output_flags(argv)])
 
 
+def write_outputs(args: argparse.Namespace, payload: dict) -> None:
+    """Write ``payload`` to ``--out`` (JSON) and its ``"markdown"`` table to ``--markdown``, when given."""
+    if args.out:
+        write_json(args.out, payload)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(payload["markdown"] + "\n")
+
+
 def teacher_row_name(steps: int) -> str:
     """Row name of the teacher at ``steps`` steps."""
     return f"teacher, {steps} step{'s' if steps != 1 else ''}"
@@ -278,11 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(results, protocol)
     print(table)
     payload = {"protocol": protocol, "rows": results, "markdown": table}
-    if args.out:
-        write_json(args.out, payload)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
+    write_outputs(args, payload)
     return payload
 
 

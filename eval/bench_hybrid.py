@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_digits import CallCounter, reproduce_command, timed
+from bench_digits import CallCounter, reproduce_command, timed, write_outputs
 
 from stepdistill.data.digits import class_labels_like_reference
 from stepdistill.data.digits_models import classifier_path, teacher_path
 from stepdistill.evaluation import DigitsClassifierFeatures, ReferenceStats, compute_metrics, digits_features
-from stepdistill.evaluation.stats import write_json
 from stepdistill.pipelines import HybridDiversityPipeline
 from stepdistill.sampling import make_generators
 
@@ -214,11 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_tables(list(results.values()), results[teacher_name], protocol)
     print(table)
     payload = {"protocol": protocol, "rows": list(results.values()), "markdown": table}
-    if args.out:
-        write_json(args.out, payload)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
+    write_outputs(args, payload)
     return payload
 
 

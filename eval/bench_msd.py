@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from bench_digits import reproduce_command
+from bench_digits import reproduce_command, write_outputs
 
 from stepdistill.data.digits import class_labels_like_reference, load_digits_split
 from stepdistill.data.digits_models import classifier_path
 from stepdistill.evaluation import DigitsClassifierFeatures, ReferenceStats, compute_metrics, digits_features
 from stepdistill.evaluation.sources import load_pipeline, sample_pipeline
-from stepdistill.evaluation.stats import write_json
 
 SEED_STRIDE = 100_000
 
@@ -175,11 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(rows, pairs, latencies, protocol)
     print(table)
     payload = {"protocol": protocol, "rows": rows, "pairs": pairs, "latency": latencies, "markdown": table}
-    if args.out:
-        write_json(args.out, payload)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
+    write_outputs(args, payload)
     return payload
 
 
