@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import fails_in_one_line as _fails
 from PIL import Image
 
 from stepdistill.commands import main
@@ -24,19 +25,6 @@ FAST = ["--max_train_steps", "2", "--train_batch_size", "2", "--eval_num_samples
         "--sample_grid_size", "2", "--critic_updates_per_generator_update", "1", "--num_threads", "1"]  # fmt: skip
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-def _fails(argv: list[str], capsys, *needles: str, status: int = 1) -> str:
-    """Run ``stepdistill argv``: it must exit with ``status`` and one ``error:`` line holding every needle."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == status
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def _tree_digest(folder: Path) -> str:

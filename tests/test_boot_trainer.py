@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import fails_in_one_line as _fails
+from cli_helpers import launch_two_processes
 
 from stepdistill import Conditioning, Denoiser, FlowSchedule, VPSchedule
-from stepdistill.commands import main
 from stepdistill.data.digits_models import teacher_unet
 from stepdistill.denoiser import CallableDenoiser
 from stepdistill.loading import load_denoiser
@@ -247,34 +245,16 @@ def test_resume_equivalence(tiny_teacher, tmp_path):
 
 def test_accelerate_launch_two_processes_agree(tiny_teacher, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "training_scripts" / "train_boot.py"),
+    launch_two_processes(ROOT / "training_scripts" / "train_boot.py", [
         "--teacher", str(tiny_teacher), "--output_dir", str(out), "--data", "uniform_labels",
         "--max_train_steps", "2", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
         "--lr_warmup_steps", "0", "--eval_num_samples", "0", "--checkpointing_steps", "2",
         "--student_learning_rate", "1e-3", "--bootstrap_steps", "8", "--use_ema", "true",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ])
     sums = json.loads((out / "train_summary.json").read_text())["param_checksums"]
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=0, abs=1e-9), sums
     assert (out / "checkpoints" / "checkpoint-000002" / "trainer_rng_1.pt").is_file()
     assert (out / "student" / "unet" / "config.json").is_file()
-
-
-def _fails(argv: list[str], capsys, *needles: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 1
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def test_bad_recipes_get_one_line_errors(tiny_teacher, tmp_path, capsys):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import launch_two_processes
 from recipe_methods import RECIPES, recipe_config
 
 from stepdistill import Conditioning, VPSchedule
@@ -195,19 +193,13 @@ def test_parse_config_yaml_then_cli_overrides(tmp_path):
 def test_accelerate_launch_two_processes_agree(tiny_teacher, tmp_path, mode):
     out = tmp_path / "ddp"
     extra = ["--use_gan", "true"] if mode == "full_gan" else ["--lora_rank", "4", "--gradient_checkpointing", "true"]
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "training_scripts" / "train_dmd.py"),
+    launch_two_processes(ROOT / "training_scripts" / "train_dmd.py", [
         "--teacher", str(tiny_teacher), "--output_dir", str(out), "--max_train_steps", "2",
         "--train_batch_size", "2", "--gradient_accumulation_steps", "2", *extra,
         "--critic_updates_per_generator_update", "1", "--lr_warmup_steps", "0", "--eval_num_samples", "0",
         "--checkpointing_steps", "2", "--generator_learning_rate", "1e-3", "--critic_learning_rate", "1e-3",
         "--student_timesteps", "999", "499",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ])
     summary = json.loads((out / "train_summary.json").read_text())
     sums = summary["param_checksums"]
     assert len(sums) == 2, sums

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import fails_in_one_line, launch_two_processes
 
 from stepdistill import Conditioning
-from stepdistill.commands import main
 from stepdistill.data.partition import ConditionPartition, PartitionError, network_fingerprint
 from stepdistill.pipelines import RoutedStudentsPipeline, StepDistillPipeline
 from stepdistill.sampling import make_generators
@@ -206,13 +203,7 @@ def test_msd_command_bad_inputs_are_one_line(tiny_teacher, tmp_path, capsys):
             "--eval_num_samples", "0", "--lr_warmup_steps", "0"]
 
     def fails(argv, *needles):
-        with pytest.raises(SystemExit) as exc:
-            main(["train", "msd", *fast, *argv])
-        assert exc.value.code == 1
-        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-        assert len(errors) == 1, errors
-        for needle in needles:
-            assert needle in errors[0], errors[0]
+        fails_in_one_line(["train", "msd", *fast, *argv], capsys, *needles)
 
     fails(["--output_dir", str(tmp_path / "a"), "--num_students", "11"], "num_students must be in 1..8")
     fails(["--output_dir", str(tmp_path / "b"), "--num_students", "2", "--student_index", "2"],
@@ -226,17 +217,11 @@ def test_msd_command_bad_inputs_are_one_line(tiny_teacher, tmp_path, capsys):
 
 def test_accelerate_launch_trains_every_student_with_ddp(tiny_teacher, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "training_scripts" / "train_msd.py"),
+    launch_two_processes(ROOT / "training_scripts" / "train_msd.py", [
         "--teacher", str(tiny_teacher), "--output_dir", str(out), "--num_students", "2", "--max_train_steps", "4",
         "--train_batch_size", "2", "--critic_updates_per_generator_update", "1", "--lr_warmup_steps", "0",
         "--eval_num_samples", "0", "--checkpointing_steps", "0", "--student_timesteps", "399", "--num_threads", "1",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ])
     for k in range(2):
         sums = json.loads((out / "students" / f"student_{k}" / "train_summary.json").read_text())["param_checksums"]
         assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=0, abs=1e-9)  # the ranks agree

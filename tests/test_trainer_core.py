@@ -4,13 +4,11 @@ checkpoints that hold each model once (adapters only in LoRA mode), named adapte
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import launch_two_processes
 from toy_trainer import ToyTrainer, toy_config, trained_tensors
 
 from stepdistill.trainers.base import list_checkpoints
@@ -150,18 +148,13 @@ def test_three_adapters_gradient_checkpointing_matches_plain_training(tiny_teach
 
 def test_three_named_adapters_with_gradient_checkpointing_under_two_process_ddp(tiny_teacher, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "tests" / "toy_trainer.py"), "--teacher", str(tiny_teacher), "--output_dir", str(out),
+    launch_two_processes(ROOT / "tests" / "toy_trainer.py", [
+        "--teacher", str(tiny_teacher), "--output_dir", str(out),
         "--max_train_steps", "3", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
         "--lora_rank", "2", "--roles", "e0", "e1", "e2", "--gradient_checkpointing", "true", "--lr_warmup_steps", "0",
         "--checkpointing_steps", "3", "--eval_num_samples", "0", "--export", "false", "--freeze_role", "e2",
         "--freeze_at", "2",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ], tests_on_path=True)
     summary = json.loads((out / "train_summary.json").read_text())
     sums = summary["param_checksums"]
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=0, abs=1e-9), sums
