@@ -24,7 +24,10 @@ _MODEL_CLASSES = {
 
 #: Names that stand for a shipped model folder wherever a teacher or pipeline folder is expected, so that a
 #: pip-installed package can be used without knowing its site-packages path (``--teacher digits``).
-MODEL_ALIASES = {"digits": "the digits teacher shipped in the package (stepdistill/assets/digits/teacher)"}
+MODEL_ALIASES = {
+    "digits": "the digits teacher shipped in the package (stepdistill/assets/digits/teacher)",
+    "digits-flow": "the rectified-flow digits teacher shipped in the package (stepdistill/assets/digits/teacher_flow)",
+}
 
 
 class ModelFolderError(ValueError):
@@ -40,10 +43,10 @@ def model_folder(path: str | Path) -> Path:
         >>> model_folder("digits") == teacher_path()
         True
     """
-    if str(path) == "digits":
+    if str(path) in MODEL_ALIASES:
         from .data.digits_models import teacher_path
 
-        return teacher_path()
+        return teacher_path("vp" if str(path) == "digits" else "flow")
     return Path(path).expanduser()
 
 

@@ -3,7 +3,8 @@ r"""``stepdistill train-teacher``: train the digits world's feature classifier a
     accelerate launch -m stepdistill train-teacher --output_dir stepdistill/assets/digits   # reproduce the assets
     stepdistill train-teacher --only teacher --teacher_max_train_steps 2000 --output_dir runs/digits_world
 
-Writes ``<output_dir>/classifier`` and ``<output_dir>/teacher`` (diffusers / safetensors folders). The
+Writes ``<output_dir>/classifier`` and ``<output_dir>/teacher`` (diffusers / safetensors folders);
+``--teacher_kind flow`` trains the rectified-flow teacher into ``<output_dir>/teacher_flow``. The
 :class:`~stepdistill.trainers.digits_world.ClassifierConfig` fields are flags with the prefix ``classifier_``,
 the :class:`~stepdistill.trainers.digits_world.TeacherConfig` ones with ``teacher_`` (both have ``seed``,
 ``batch_size``, ``learning_rate``); a ``--config`` recipe uses the same names as keys.
@@ -87,7 +88,8 @@ def train_digits_world(run: DigitsWorldArguments, classifier: ClassifierConfig, 
                 "guidance_scale": 1.0,
                 "torch": torch.__version__,
             }
-            save_teacher(unet, f"{out}/teacher", meta)
+            folder = "teacher" if teacher.kind == "vp" else f"teacher_{teacher.kind}"
+            save_teacher(unet, f"{out}/{folder}", meta, kind=teacher.kind)
             print(f"teacher: trained in {time.time() - t0:.0f}s, final loss {meta['final_loss']}")
     accelerator.end_training()
 

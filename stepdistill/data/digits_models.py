@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import ConfigMixin, DDIMScheduler, ModelMixin, UNet2DModel
+from diffusers import ConfigMixin, DDIMScheduler, FlowMatchEulerDiscreteScheduler, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
@@ -31,9 +31,25 @@ def assets_dir() -> Path:
     return Path(str(resources.files("stepdistill"))) / "assets" / "digits"
 
 
-def teacher_path() -> Path:
-    """Path of the shipped digits teacher (a pipeline folder with ``unet/`` and ``scheduler/``)."""
-    return assets_dir() / "teacher"
+#: The digits teachers, by kind: ``vp`` (SD's scaled-linear betas, v-prediction) and ``flow`` (rectified flow,
+#: velocity ``eps - x0``, diffusers' ``FlowMatchEulerDiscreteScheduler``). Same network, same data, same budget.
+TEACHER_KINDS = ("vp", "flow")
+
+
+def check_teacher_kind(kind: str) -> str:
+    """Return ``kind`` if it names a digits teacher kind, else raise a one-line ``ValueError``."""
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"teacher kind must be one of {list(TEACHER_KINDS)}, got {kind!r}.")
+    return kind
+
+
+def teacher_path(kind: str = "vp") -> Path:
+    """Path of a shipped digits teacher (a pipeline folder with ``unet/`` and ``scheduler/``).
+
+    Args:
+        kind: ``vp`` (``assets/digits/teacher``) or ``flow`` (``assets/digits/teacher_flow``).
+    """
+    return assets_dir() / ("teacher" if check_teacher_kind(kind) == "vp" else "teacher_flow")
 
 
 def classifier_path() -> Path:
@@ -41,8 +57,15 @@ def classifier_path() -> Path:
     return assets_dir() / "classifier"
 
 
-def teacher_scheduler() -> DDIMScheduler:
-    """The teacher's scheduler: SD's scaled-linear betas, v-prediction, trailing spacing, clean end."""
+def teacher_scheduler(kind: str = "vp") -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
+    """A digits teacher's scheduler.
+
+    ``vp``: SD's scaled-linear betas, v-prediction, trailing spacing, clean end. ``flow``: rectified flow
+    (``x_t = (1 - sigma) x0 + sigma eps``, velocity target ``eps - x0``, Liu et al. 2023; Esser et al. 2024),
+    1000 training timesteps, no shift (8x8 images need no resolution shift).
+    """
+    if check_teacher_kind(kind) == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

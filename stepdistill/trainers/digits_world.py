@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..data.digits import NULL_CLASS, load_digits_split
-from ..data.digits_models import DigitsClassifier, teacher_scheduler, teacher_unet
+from ..data.digits_models import DigitsClassifier, check_teacher_kind, teacher_scheduler, teacher_unet
 from ..schedules import NoiseSchedule
 from ..utils import atomic_save_pretrained
 
@@ -38,8 +38,9 @@ class ClassifierConfig:
 
 @dataclass
 class TeacherConfig:
-    """Hyperparameters of the digits teacher (class-conditional v-prediction UNet2DModel)."""
+    """Hyperparameters of the digits teacher (class-conditional UNet2DModel, v-prediction or rectified flow)."""
 
+    kind: str = field(default="vp", metadata={"help": "vp (v-prediction DDPM) | flow (rectified flow)."})
     max_train_steps: int = field(default=8000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=128, metadata={"help": "Batch size per process."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate."})
@@ -47,6 +48,9 @@ class TeacherConfig:
     cond_drop_prob: float = field(default=0.1, metadata={"help": "Probability of the null class (for CFG)."})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the shipped weights."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    def __post_init__(self) -> None:
+        check_teacher_kind(self.kind)
 
 
 def _shift_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -121,19 +125,23 @@ def denoising_batch(
     dropped = labels[idx].clone()
     dropped[torch.rand(batch_size, generator=generator) < cond_drop_prob] = NULL_CLASS
     eps = torch.randn(x0.shape, generator=generator)
-    t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator)
+    if schedule.family == "flow":  # continuous sigma in [0, 1)
+        t = schedule.sample_timesteps(batch_size, generator=generator)
+    else:
+        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator)
     return schedule.add_noise(x0, eps, t), t, dropped, schedule.target(x0, eps, t)
 
 
 def train_teacher(config: TeacherConfig, accelerator: Accelerator, log_every: int = 100):
     """Train the class-conditional digits teacher; returns ``(ema_unet, schedule, history)``.
 
-    Denoising score matching in the teacher's own parameterization (v-prediction): uniform
-    timesteps, labels dropped to the null class with probability ``cond_drop_prob``.
+    Denoising score matching in the teacher's own parameterization (v-prediction for ``vp``, velocity
+    ``eps - x0`` for ``flow``): uniform timesteps, labels dropped to the null class with probability
+    ``cond_drop_prob``.
     """
     set_seed(config.seed + accelerator.process_index)
     train = load_digits_split("train")
-    scheduler = teacher_scheduler()
+    scheduler = teacher_scheduler(config.kind)
     schedule = NoiseSchedule.from_scheduler_config(scheduler.config)
     unet = teacher_unet()
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=0.75)
@@ -151,7 +159,7 @@ def train_teacher(config: TeacherConfig, accelerator: Accelerator, log_every: in
                                                  config.cond_drop_prob, gen)
         dev = accelerator.device
         with accelerator.autocast():
-            pred = unet(x_t.to(dev), t.to(dev), class_labels=labels.to(dev)).sample
+            pred = unet(x_t.to(dev), schedule.model_timestep(t).to(dev), class_labels=labels.to(dev)).sample
         loss = F.mse_loss(pred.float(), target.to(dev))
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -169,17 +177,18 @@ def train_teacher(config: TeacherConfig, accelerator: Accelerator, log_every: in
     return final.eval(), schedule, history
 
 
-def save_teacher(unet, out_dir: str | Path, metadata: dict) -> Path:
+def save_teacher(unet, out_dir: str | Path, metadata: dict, kind: str = "vp") -> Path:
     """Write the teacher as a pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``)."""
     out = Path(out_dir)
+    scheduler = teacher_scheduler(kind)
     atomic_save_pretrained(unet, out / "unet")
-    atomic_save_pretrained(teacher_scheduler(), out / "scheduler")
+    atomic_save_pretrained(scheduler, out / "scheduler")
     import diffusers
 
     index = {
         "_class_name": "StepDistillPipeline",
         "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
         "unet": ["diffusers", "UNet2DModel"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
