@@ -2,6 +2,7 @@ r"""``stepdistill train <method>``: distill a teacher into a one- or few-step st
 
     stepdistill train dmd --config recipes/digits_dmd2_1step.yaml
     stepdistill train boot --config recipes/digits_boot_1step.yaml
+    stepdistill train echodistill --teacher T --student S --concept_images concept/ --initializer_token slanted
     stepdistill train dmd --teacher digits --student_timesteps 999,749,499,249 --output_dir runs/try
     accelerate launch --multi_gpu --num_processes 2 -m stepdistill train dmd --config recipes/digits_dmd2_4step.yaml
 
@@ -25,6 +26,8 @@ from ..trainers import (
     BOOTTrainer,
     DMDConfig,
     DMDTrainer,
+    EchoDistillConfig,
+    EchoDistillTrainer,
     MSDConfig,
     MSDTrainer,
     PhasedDMDConfig,
@@ -40,6 +43,7 @@ METHODS: dict[str, tuple[type, type]] = {
     "msd": (MSDConfig, MSDTrainer),
     "phased-dmd": (PhasedDMDConfig, PhasedDMDTrainer),
     "boot": (BOOTConfig, BOOTTrainer),
+    "echodistill": (EchoDistillConfig, EchoDistillTrainer),
 }
 #: Errors reported as one line (exit status 1): bad recipes / flags, missing or unusable model folders.
 USER_ERRORS = (ValueError, FileNotFoundError, ModelFolderError)

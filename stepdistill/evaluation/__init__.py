@@ -42,6 +42,7 @@ from .metrics import (
     precision_recall,
     vendi_score,
 )
+from .personalization import concept_fidelity, concept_similarities, prompt_fidelity, prompt_matches
 from .sources import (
     PipelineCallError,
     dataset_features,
@@ -86,6 +87,8 @@ __all__ = [
     "compare_independent",
     "compare_paired",
     "compute_metrics",
+    "concept_fidelity",
+    "concept_similarities",
     "dataset_features",
     "digits_features",
     "diversity",
@@ -107,6 +110,8 @@ __all__ = [
     "parse_int_list",
     "pipeline_features",
     "precision_recall",
+    "prompt_fidelity",
+    "prompt_matches",
     "resolve_extractor",
     "sample_pipeline",
     "scan_image_folder",

@@ -10,7 +10,8 @@ trainer's explicit ``generator``. No Accelerate in here.
 * :mod:`.critic` -- DMD's critic objective (score matching + discriminator) in one critic forward;
 * :mod:`.gan` -- non-saturating GAN losses and the diffusion-GAN input noise;
 * :mod:`.regression` -- DMD1's regression distances (MSE, digits features, LPIPS);
-* :mod:`.bootstrap` -- BOOT's bootstrapping and boundary losses on the signal ODE.
+* :mod:`.bootstrap` -- BOOT's bootstrapping and boundary losses on the signal ODE;
+* :mod:`.image_similarity` -- EchoDistill's cosine identity loss on frozen features and multi-scale SWD.
 """
 
 from .bootstrap import SignalBootstrapLoss, SignalBoundaryLoss, bootstrap_target
@@ -23,6 +24,7 @@ from .distribution_matching import (
     distribution_matching_surrogate,
 )
 from .gan import GANDiscriminatorLoss, GANGeneratorLoss, GANInputNoise
+from .image_similarity import CosineIdentityLoss, MultiScaleSWDLoss, srgb_to_lab
 from .regression import (
     REGRESSION_DISTANCES,
     FeatureDistance,
@@ -42,6 +44,7 @@ from .subinterval import (
 
 __all__ = [
     "REGRESSION_DISTANCES",
+    "CosineIdentityLoss",
     "CriticTerms",
     "DenoisingScoreMatchingLoss",
     "DistributionMatchingLoss",
@@ -53,6 +56,7 @@ __all__ = [
     "GANInputNoise",
     "LPIPSDistance",
     "MSEDistance",
+    "MultiScaleSWDLoss",
     "NaiveSubintervalScoreMatchingLoss",
     "NoisedBatch",
     "RegressionDistance",
@@ -67,4 +71,5 @@ __all__ = [
     "digits_classifier_activations",
     "distribution_matching_gradient",
     "distribution_matching_surrogate",
+    "srgb_to_lab",
 ]

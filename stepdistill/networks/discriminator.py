@@ -58,4 +58,45 @@ class FeatureDiscriminator(nn.Module):
         return torch.stack(logits).mean(0)
 
 
-__all__ = ["FeatureDiscriminator"]
+class DiscriminatorSet(nn.Module):
+    """One :class:`FeatureDiscriminator` per frozen extractor, judged separately: ``logits[k]`` is head ``k``'s.
+
+    EchoDistill / OPAD keeps one discriminator per backbone (DINO, DINOv2, CLIP) and sums their losses; this is
+    that, for any extractors. Token outputs ``[B, N, D]`` are averaged over the tokens before the head.
+
+    Args:
+        extractors: Frozen differentiable modules ``images -> [B, D_k]`` (or ``[B, N, D_k]``).
+        feature_dims: ``D_k`` of each.
+        hidden: Width of each head's hidden layer.
+
+    Example:
+        >>> disc = DiscriminatorSet([penultimate, pooled], [64, 128])
+        >>> disc(images).shape  # [2, B]
+    """
+
+    def __init__(self, extractors: Sequence[nn.Module], feature_dims: Sequence[int], hidden: int = 512) -> None:
+        super().__init__()
+        if len(extractors) != len(feature_dims) or not extractors:
+            raise ValueError("Pass one feature dimension per extractor, and at least one extractor.")
+        self.discriminators = nn.ModuleList(
+            FeatureDiscriminator(_TokenPool(e), d, hidden) for e, d in zip(extractors, feature_dims)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[K, B]``, one row per extractor."""
+        return torch.stack([d(images) for d in self.discriminators])
+
+
+class _TokenPool(nn.Module):
+    """An extractor whose token outputs ``[B, N, D]`` are averaged to ``[B, D]``."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.extractor(images)
+        return feats.mean(1) if feats.dim() == 3 else feats
+
+
+__all__ = ["DiscriminatorSet", "FeatureDiscriminator"]

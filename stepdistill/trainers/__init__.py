@@ -4,6 +4,7 @@ from ..configs import parse_config
 from .base import DistillationTrainer, NonFiniteLossError, OptimizerSettings, ParamGroup, TrainerConfig
 from .boot import BOOTConfig, BOOTTrainer
 from .dmd import DMDConfig, DMDTrainer
+from .echodistill import EchoDistillConfig, EchoDistillTrainer
 from .msd import MSDConfig, MSDStudentTrainer, MSDTrainer, TSMTrainer
 from .phased_dmd import PhasedDMDConfig, PhasedDMDTrainer
 
@@ -13,6 +14,8 @@ __all__ = [
     "DMDConfig",
     "DMDTrainer",
     "DistillationTrainer",
+    "EchoDistillConfig",
+    "EchoDistillTrainer",
     "MSDConfig",
     "MSDStudentTrainer",
     "MSDTrainer",

@@ -1,0 +1,281 @@
+"""EchoDistill on tiny random SD-like pipelines: what trains, the stock export, resume, bad inputs, the metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from cli_helpers import fails_in_one_line
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from tiny_models import clip_text_encoder, clip_tokenizer, latent_unet, tiny_vae, write_clip_tokenizer
+from torch import nn
+
+from stepdistill.evaluation import concept_fidelity, prompt_fidelity
+from stepdistill.losses import MultiScaleSWDLoss
+from stepdistill.networks import DigitsFeatures
+from stepdistill.trainers import EchoDistillConfig, EchoDistillTrainer
+
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+TEMPLATES = "a photo of {}|{} on a hill"
+
+
+class TinyExtractor(nn.Module):
+    """A small conv feature extractor (random, frozen by the trainer); ``tokens`` returns ``[B, 4, D]``."""
+
+    def __init__(self, seed: int, tokens: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.tokens = tokens
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(images))
+        if self.tokens:
+            return torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(2).transpose(1, 2)  # [B, 4, 6]
+        return h.mean(dim=(2, 3))
+
+
+class NoGradExtractor(TinyExtractor):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return super().forward(images)
+
+
+def _write_images(folder, n, size=16, mode="RGB", seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        PIL.Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode=mode).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny SD1.5-like teacher folder (v-prediction), a one-step student folder, concept images."""
+    root = tmp_path_factory.mktemp("echo_world")
+    tok = clip_tokenizer(write_clip_tokenizer(root / "tok"))
+    for name, seed in (("teacher", 0), ("student", 1)):
+        unet = latent_unet(16)
+        if seed:  # a different network for the student
+            with torch.no_grad():
+                for p in unet.parameters():
+                    p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        StableDiffusionPipeline(
+            vae=tiny_vae(), text_encoder=clip_text_encoder(4), tokenizer=tok, unet=unet,
+            scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(root / name)
+    return dict(root=root, teacher=root / "teacher", student=root / "student",
+                concept=_write_images(root / "concept", 4), heldout=_write_images(root / "heldout", 2, seed=1))
+
+
+def _config(world, out, **overrides) -> EchoDistillConfig:
+    base = dict(teacher=str(world["teacher"]), student=str(world["student"]), concept_images=str(world["concept"]),
+                output_dir=str(out), initializer_token="dog", concept_prompts=TEMPLATES, max_train_steps=1,
+                train_batch_size=2, teacher_learning_rate=1e-3, token_learning_rate=1e-2, student_learning_rate=1e-3,
+                head_learning_rate=1e-3, head_hidden=16, checkpointing_steps=0, log_every=1, eval_num_samples=0,
+                sample_grid_size=2, export=False, seed=3, teacher_guidance_scale=2.0, ms_swd_projections=8,
+                token_weight_decay=0.0, teacher_weight_decay=0.0, student_weight_decay=0.0, head_weight_decay=0.0)
+    base.update(overrides)
+    return EchoDistillConfig(**base)
+
+
+def _extractors():
+    return [TinyExtractor(0), TinyExtractor(1, tokens=True)]
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(kv_lora_rank=2, echo_loss_weight=1.0, max_train_steps=2)],
+                         ids=["kv_copies", "lora_echo"])
+def test_one_step_trains_exactly_the_personalization_parameters(world, tmp_path, mode):
+    """No weight decay: a tensor changes only through its gradient (LoRA's A moves from step 2, once B is not 0)."""
+    extractors = _extractors()
+    trainer = EchoDistillTrainer(_config(world, tmp_path / "run", **mode), extractors=extractors)
+    table = trainer.text_encoder.get_input_embeddings().weight
+    new_id = trainer.new_token.token_id
+    assert new_id == table.shape[0] - 1 == 514
+    before = {name: _snapshot(trainer.unwrap(name)) for name in ("teacher", "student", "discriminator")}
+    extractors0 = [_snapshot(e) for e in extractors]
+    table0, token0 = table.detach().clone(), trainer.new_token.weight.detach().clone()
+    frozen_teacher = {k: v.detach().clone() for k, v in trainer.teacher.kv.denoiser.model.named_parameters()
+                      if not v.requires_grad}
+    vae0 = _snapshot(trainer.vae)
+    summary = trainer.train()
+    metrics = summary["final_metrics"]
+    expected = {"loss/teacher", "loss/latent", "loss/identity", "loss/ms_swd", "loss/adversarial",
+                "loss/discriminator"} | ({"loss/echo"} if mode else set())
+    assert expected <= set(metrics) and all(np.isfinite(v) for v in metrics.values()), metrics
+    for name, state in before.items():  # every trainable tensor changed: K/V (teacher, student), token, heads
+        after = trainer.unwrap(name).state_dict()
+        trained = {n for n, p in trainer.unwrap(name).named_parameters() if p.requires_grad}
+        assert trained, name
+        unchanged = [k for k in trained if torch.equal(state[k], after[k])]
+        assert not unchanged, (name, unchanged[:4])
+    assert not torch.equal(trainer.new_token.weight, token0)
+    for e, state in zip(extractors, extractors0):  # the extractors are frozen
+        assert all(torch.equal(v, e.state_dict()[k]) for k, v in state.items())
+        assert not any(p.requires_grad for p in e.parameters())
+    # the table: the new row follows the trained token, no other row moved
+    assert torch.equal(table[:new_id], table0[:new_id])
+    assert torch.equal(table[new_id], trainer.new_token.weight[0]) and not torch.equal(table[new_id], table0[new_id])
+    for k, v in trainer.teacher.kv.denoiser.model.named_parameters():
+        if k in frozen_teacher:
+            assert torch.equal(v, frozen_teacher[k]), k
+    assert all(torch.equal(v, trainer.vae.state_dict()[k]) for k, v in vae0.items())
+    if mode:  # LoRA: only adapter weights in the K/V trainables
+        assert all("lora_" in n for n, p in trainer.unwrap("student").named_parameters() if p.requires_grad)
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+
+    spec = json.load(open(sys.argv[1]))
+    pipe = DiffusionPipeline.from_pretrained(spec["student"])
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in spec["seeds"]]
+    images = pipe(spec["prompts"], generator=gens, output_type="np", **spec["call_kwargs"]).images
+    teacher = DiffusionPipeline.from_pretrained(spec["teacher"])
+    teacher.set_progress_bar_config(disable=True)
+    t_img = teacher(spec["prompts"][:1], num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    token = spec["token"]
+    ids = [p.tokenizer.convert_tokens_to_ids(token) for p in (pipe, teacher)]
+    rows = [p.text_encoder.get_input_embeddings().weight[i].detach().numpy() for p, i in zip((pipe, teacher), ids)]
+    np.savez(sys.argv[2], images=images, rows=np.stack(rows), ids=np.array(ids), teacher=t_img,
+             pipeline=np.array(type(pipe).__name__))
+    assert "stepdistill" not in sys.modules, "the stock side imported stepdistill"
+    print("OK")
+    """
+)
+
+
+def test_export_loads_without_stepdistill_and_reproduces_its_images(world, tmp_path):
+    trainer = EchoDistillTrainer(_config(world, tmp_path / "run", export=True, max_train_steps=2,
+                                         heldout_concept_images=str(world["heldout"]), eval_num_samples=4),
+                                 extractors=_extractors())
+    summary = trainer.train()
+    assert 0.0 <= summary["eval"]["eval/concept_fidelity"] <= 1.0
+    student, teacher = tmp_path / "run" / "student", tmp_path / "run" / "teacher"
+    assert json.loads((student / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    prompts = ["a photo of <new1>", "<new1> on a hill", "a photo of a dog"]
+    seeds = [0, 1, 7]
+    expected = trainer.sample_student_images(prompts, seeds)
+    spec = dict(student=str(student), teacher=str(teacher), prompts=prompts, seeds=seeds, token="<new1>",
+                call_kwargs={"timesteps": [999], "guidance_scale": 0.0})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "spec.json"), str(tmp_path / "out.npz")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    want = ((expected + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert want.std() > 0.01 and out["images"].shape == want.shape == (3, 16, 16, 3)
+    assert np.abs(out["images"] - want).max() < 1e-4
+    assert out["ids"].tolist() == [514, 514]
+    row = trainer.new_token.weight[0].detach().numpy()
+    assert np.allclose(out["rows"], row[None], atol=0)  # the trained row in both exported text encoders
+    assert np.isfinite(out["teacher"]).all()
+    assert (tmp_path / "run" / "samples" / "step-000002.png").is_file()
+
+
+def test_resume_is_bitwise(world, tmp_path):
+    straight = EchoDistillTrainer(_config(world, tmp_path / "a", max_train_steps=3), extractors=_extractors())
+    straight.train()
+    first = EchoDistillTrainer(_config(world, tmp_path / "b", max_train_steps=2, checkpointing_steps=2),
+                               extractors=_extractors())
+    first.train()
+    resumed = EchoDistillTrainer(_config(world, tmp_path / "b", max_train_steps=3, resume_from_checkpoint="latest"),
+                                 extractors=_extractors())
+    resumed.train()
+    assert resumed.global_step == 3
+    for name in ("teacher", "student", "discriminator"):
+        a, b = straight.unwrap(name).state_dict(), resumed.unwrap(name).state_dict()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, (name, different[:4])
+
+
+@pytest.mark.parametrize("case,message", [
+    ("token_in_vocab", "already in the tokenizer's vocabulary"),
+    ("no_images", "No concept images"),
+    ("wrong_size", "resize / convert the concept images to 16x16"),
+    ("wrong_channels", "with 1 channel(s), but the model works on 16x16 images with 3"),
+    ("not_differentiable", "is not differentiable"),
+])
+def test_bad_inputs_are_one_line_errors(world, tmp_path, case, message):
+    overrides, extractors = {}, _extractors()
+    if case == "token_in_vocab":
+        overrides["placeholder_token"] = "a</w>"
+    elif case == "no_images":
+        (tmp_path / "empty").mkdir()
+        overrides["concept_images"] = str(tmp_path / "empty")
+    elif case == "wrong_size":
+        overrides["concept_images"] = str(_write_images(tmp_path / "big", 3, size=24))
+    elif case == "wrong_channels":
+        overrides["concept_images"] = str(_write_images(tmp_path / "gray", 3, mode="L"))
+    else:
+        extractors = [TinyExtractor(0), NoGradExtractor(1)]
+    with pytest.raises(ValueError, match=r"^[^\n]*" + message.replace("(", r"\(").replace(")", r"\)")) as err:
+        EchoDistillTrainer(_config(world, tmp_path / "run", **overrides), extractors=extractors)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_reports_a_bad_input_in_one_line(world, tmp_path, capsys):
+    fails_in_one_line(["train", "echodistill", "--teacher", str(world["teacher"]), "--student", str(world["student"]),
+                       "--concept_images", str(tmp_path / "missing"), "--initializer_token", "dog",
+                       "--output_dir", str(tmp_path / "run")], capsys, "No concept images")
+    fails_in_one_line(["train", "echodistill", "--teacher", str(world["teacher"]), "--concept_prompts", "a photo",
+                       "--initializer_token", "dog"], capsys, "concept_prompts must be '|'-separated templates")
+
+
+def test_metrics_take_any_extractor_and_classifier():
+    extractor = TinyExtractor(0)
+    g = torch.Generator().manual_seed(0)
+    concept = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    others = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    same = concept_fidelity(concept, concept, extractor)
+    assert concept_fidelity(others, concept, extractor) < same <= 1.0 + 1e-6
+    classifier = lambda x: torch.stack([x.mean(dim=(1, 2, 3)), -x.mean(dim=(1, 2, 3))], dim=1)  # noqa: E731
+    bright, dark = torch.ones(2, 3, 4, 4), -torch.ones(3, 3, 4, 4)
+    assert prompt_fidelity(torch.cat([bright, dark]), [0, 0, 1, 1, 1], classifier) == 1.0
+    assert prompt_fidelity(torch.cat([bright, dark]), [1, 0, 0, 1, 1], classifier) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="asked-for classes"):
+        prompt_fidelity(bright, [0], classifier)
+
+
+def test_ms_swd_and_digits_features_on_small_one_channel_images():
+    swd = MultiScaleSWDLoss()
+    assert swd.plan(8, 8) == (7, 1) and swd.plan(64, 64) == (11, 3) and swd.plan(512, 512) == (11, 5)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 1, 8, 8, generator=g) * 2 - 1).requires_grad_(True)
+    y = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
+    d = swd(x, y, generator=torch.Generator().manual_seed(1))
+    assert d.shape == (2,) and (d > 0).all()
+    d.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert torch.allclose(swd(y, y, generator=g), torch.zeros(2))
+    rgb = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    assert swd(rgb, rgb.flip(-1), generator=g).shape == (2,)
+    from stepdistill.data.digits_models import DigitsClassifier
+
+    torch.manual_seed(0)
+    clf = DigitsClassifier()
+    for layer, dim in (("penultimate", 64), ("pooled", 128)):
+        f = DigitsFeatures(clf, layer)
+        assert f.feature_dim == dim and f(rgb).shape == (2, dim)
+        assert not f.training and not f.train().training  # stays in eval mode
