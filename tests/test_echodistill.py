@@ -279,3 +279,17 @@ def test_ms_swd_and_digits_features_on_small_one_channel_images():
         f = DigitsFeatures(clf, layer)
         assert f.feature_dim == dim and f(rgb).shape == (2, dim)
         assert not f.training and not f.train().training  # stays in eval mode
+
+
+def test_cli_trains_with_the_default_digits_extractors(world, tmp_path, capsys):
+    from stepdistill.commands import main
+
+    assert main(["train", "echodistill", "--teacher", str(world["teacher"]), "--student", str(world["student"]),
+                 "--concept_images", str(world["concept"]), "--initializer_token", "dog", "--concept_prompts",
+                 "a photo of {}|{} on a hill", "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
+                 "--head_hidden", "8", "--ms_swd_projections", "4", "--eval_num_samples", "0", "--export", "false",
+                 "--sample_grid_size", "2"]) == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["global_step"] == 1 and np.isfinite(summary["final_metrics"]["loss/identity"])
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "concept_prompts: a photo of {}|{} on a hill" in config

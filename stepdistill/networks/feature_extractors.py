@@ -46,6 +46,7 @@ class DigitsFeatures(nn.Module):
         body = classifier.body
         self.feature_dim = int(body[-2].out_features) if layer == "penultimate" else int(body[5].out_channels)
         self.register_buffer("center", None if center is None else center.float().reshape(-1))
+        self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> DigitsFeatures:
         """Stays in eval mode (fixed statistics, no dropout), whatever ``mode``."""

@@ -57,7 +57,7 @@ class NewTokenEmbedding(nn.Module):
             raise ValueError(f"The tokenizer did not add placeholder_token {token!r}: pick another string.")
         self.token, self.initializer = token, initializer
         self.token_id = int(tokenizer.convert_tokens_to_ids(token))
-        text_encoder.resize_token_embeddings(len(tokenizer))
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         table = text_encoder.get_input_embeddings()
         with torch.no_grad():
             init = table.weight[init_ids].float().mean(0)
