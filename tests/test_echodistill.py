@@ -9,12 +9,10 @@ import sys
 import textwrap
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 from cli_helpers import fails_in_one_line
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from tiny_models import clip_text_encoder, clip_tokenizer, latent_unet, tiny_vae, write_clip_tokenizer
+from echo_world import write_echo_world, write_images
 from torch import nn
 
 from stepdistill.evaluation import concept_fidelity, prompt_fidelity
@@ -22,8 +20,6 @@ from stepdistill.losses import MultiScaleSWDLoss
 from stepdistill.networks import DigitsFeatures
 from stepdistill.trainers import EchoDistillConfig, EchoDistillTrainer
 
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                 set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
 TEMPLATES = "a photo of {}|{} on a hill"
 
 
@@ -49,33 +45,10 @@ class NoGradExtractor(TinyExtractor):
             return super().forward(images)
 
 
-def _write_images(folder, n, size=16, mode="RGB", seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        shape = (size, size, 3) if mode == "RGB" else (size, size)
-        PIL.Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode=mode).save(folder / f"{i}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny SD1.5-like teacher folder (v-prediction), a one-step student folder, concept images."""
-    root = tmp_path_factory.mktemp("echo_world")
-    tok = clip_tokenizer(write_clip_tokenizer(root / "tok"))
-    for name, seed in (("teacher", 0), ("student", 1)):
-        unet = latent_unet(16)
-        if seed:  # a different network for the student
-            with torch.no_grad():
-                for p in unet.parameters():
-                    p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
-        StableDiffusionPipeline(
-            vae=tiny_vae(), text_encoder=clip_text_encoder(4), tokenizer=tok, unet=unet,
-            scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        ).save_pretrained(root / name)
-    return dict(root=root, teacher=root / "teacher", student=root / "student",
-                concept=_write_images(root / "concept", 4), heldout=_write_images(root / "heldout", 2, seed=1))
+    return write_echo_world(tmp_path_factory.mktemp("echo_world"))
 
 
 def _config(world, out, **overrides) -> EchoDistillConfig:
@@ -225,9 +198,9 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path, case, message):
         (tmp_path / "empty").mkdir()
         overrides["concept_images"] = str(tmp_path / "empty")
     elif case == "wrong_size":
-        overrides["concept_images"] = str(_write_images(tmp_path / "big", 3, size=24))
+        overrides["concept_images"] = str(write_images(tmp_path / "big", 3, size=24))
     elif case == "wrong_channels":
-        overrides["concept_images"] = str(_write_images(tmp_path / "gray", 3, mode="L"))
+        overrides["concept_images"] = str(write_images(tmp_path / "gray", 3, mode="L"))
     else:
         extractors = [TinyExtractor(0), NoGradExtractor(1)]
     with pytest.raises(ValueError, match=r"^[^\n]*" + message.replace("(", r"\(").replace(")", r"\)")) as err:
