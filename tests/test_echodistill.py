@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import fails_in_one_line
+from diffusers import StableDiffusionPipeline
 from echo_world import write_echo_world, write_images
 from torch import nn
 
@@ -266,3 +267,28 @@ def test_cli_trains_with_the_default_digits_extractors(world, tmp_path, capsys):
     assert summary["global_step"] == 1 and np.isfinite(summary["final_metrics"]["loss/identity"])
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "concept_prompts: a photo of {}|{} on a hill" in config
+
+
+def test_pixel_space_teacher_without_vae(world, tmp_path):
+    """A pixel-space text UNet (no VAE): the samples are the images; training runs, the export asks for a VAE."""
+    from diffusers import UNet2DConditionModel
+    from tiny_models import randomize
+
+    folder = tmp_path / "pixel"
+    pipe = StableDiffusionPipeline.from_pretrained(world["teacher"], safety_checker=None)
+    torch.manual_seed(5)
+    unet = randomize(UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2))
+    StableDiffusionPipeline(vae=None, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                            scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    trainer = EchoDistillTrainer(_config(world, tmp_path / "run", teacher=str(folder), student=str(folder)),
+                                 extractors=_extractors())
+    assert trainer.vae is None and trainer.pixel_shape == (3, 16, 16)
+    summary = trainer.train()
+    assert all(np.isfinite(v) for v in summary["final_metrics"].values())
+    assert trainer.sample_student_images(["a photo of <new1>"], [0]).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="needs a VAE"):
+        trainer.export(tmp_path / "student")
