@@ -292,3 +292,31 @@ def test_pixel_space_teacher_without_vae(world, tmp_path):
     assert trainer.sample_student_images(["a photo of <new1>"], [0]).shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match="needs a VAE"):
         trainer.export(tmp_path / "student")
+
+
+def test_new_token_on_a_sparse_vocabulary_never_shrinks_the_table(tmp_path):
+    """Vocabulary ids with gaps (len(tokenizer) < rows): the table keeps its rows, only the new row is replaced."""
+    from tiny_models import _bytes_alphabet, clip_text_encoder
+    from transformers import CLIPTokenizer
+
+    from stepdistill.networks import NewTokenEmbedding
+
+    chars = _bytes_alphabet()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}  # ids 0..511
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
+    del vocab[chars[40] + "</w>"]  # a gap at id 296: len(tokenizer) = 513 < 514 rows
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer.from_pretrained(tmp_path, model_max_length=16)
+    te = clip_text_encoder(4)
+    table0 = te.get_input_embeddings().weight.detach().clone()
+    new = NewTokenEmbedding(te, tok, "<new1>", "dog")
+    table = te.get_input_embeddings().weight
+    assert table.shape[0] >= table0.shape[0] and new.token_id not in vocab.values()
+    others = [i for i in range(table0.shape[0]) if i != new.token_id]
+    assert torch.equal(table[others], table0[others])
+    ids = tok("a photo of <new1>", return_tensors="pt").input_ids
+    assert (ids == new.token_id).sum() == 1
+    out = te(ids).last_hidden_state
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()  # (LN: sum has no grad)
+    assert new.weight.grad is not None and new.weight.grad.abs().sum() > 0 and table.grad is None

@@ -32,7 +32,7 @@ class NewTokenEmbedding(nn.Module):
     table replaces the looked-up vector at the new id with ``weight``; the table itself stays frozen.
 
     Args:
-        text_encoder: A transformers text encoder (``get_input_embeddings()``; frozen by the caller).
+        text_encoder: A transformers text encoder (``get_input_embeddings()``; its table is frozen here).
         tokenizer: Its tokenizer (``add_tokens``).
         token: The new token string, e.g. ``"<new1>"``; must not be in the vocabulary.
         initializer: A related word whose token embedding(s) initialise the row, e.g. ``"slanted"``.
@@ -57,8 +57,15 @@ class NewTokenEmbedding(nn.Module):
             raise ValueError(f"The tokenizer did not add placeholder_token {token!r}: pick another string.")
         self.token, self.initializer = token, initializer
         self.token_id = int(tokenizer.convert_tokens_to_ids(token))
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        clash = [t for t, i in vocab.items() if i == self.token_id]
+        if clash:  # a vocabulary whose ids are not 0..N-1 can hand out an id that a token already has
+            raise ValueError(f"The tokenizer gave placeholder_token {token!r} the id {self.token_id} of {clash[0]!r}: "
+                             "its vocabulary ids are not contiguous; use a tokenizer with ids 0..N-1.")
+        # grow the table only when the new id is past its end (a sparse vocabulary may have unused rows; never shrink)
+        if self.token_id >= text_encoder.get_input_embeddings().num_embeddings:
+            text_encoder.resize_token_embeddings(self.token_id + 1, mean_resizing=False)
         table = text_encoder.get_input_embeddings()
+        table.requires_grad_(False)  # only the separate row trains
         with torch.no_grad():
             init = table.weight[init_ids].float().mean(0)
             table.weight[self.token_id] = init.to(table.weight.dtype)
