@@ -71,7 +71,8 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode", [dict(), dict(kv_lora_rank=2, echo_loss_weight=1.0, max_train_steps=2)],
+@pytest.mark.parametrize("mode", [dict(), dict(kv_lora_rank=2, echo_loss_weight=1.0, max_train_steps=2,
+                                              gradient_checkpointing=True)],
                          ids=["kv_copies", "lora_echo"])
 def test_one_step_trains_exactly_the_personalization_parameters(world, tmp_path, mode):
     """No weight decay: a tensor changes only through its gradient (LoRA's A moves from step 2, once B is not 0)."""
@@ -108,7 +109,8 @@ def test_one_step_trains_exactly_the_personalization_parameters(world, tmp_path,
         if k in frozen_teacher:
             assert torch.equal(v, frozen_teacher[k]), k
     assert all(torch.equal(v, trainer.vae.state_dict()[k]) for k, v in vae0.items())
-    if mode:  # LoRA: only adapter weights in the K/V trainables
+    if mode:  # LoRA: only adapter weights in the K/V trainables; checkpointed networks still train them
+        assert trainer.student.denoiser.model.is_gradient_checkpointing
         assert all("lora_" in n for n, p in trainer.unwrap("student").named_parameters() if p.requires_grad)
 
 

@@ -203,6 +203,8 @@ class EchoDistillTrainer(DistillationTrainer):
         extractors: Frozen differentiable feature extractors (``images in [-1, 1] -> [B, D]`` or ``[B, N, D]``):
             one discriminator head each, and the identity loss on ``extractors[config.identity_extractor]``.
             Default: from ``config.feature_extractor`` (the digits classifier).
+        eval_extractor: The extractor of the in-training concept-fidelity evaluation (default: the identity
+            loss's, which the student is trained on, so the number is optimistic; pass one not used in training).
 
     Example:
         >>> trainer = EchoDistillTrainer(cfg, extractors=[DigitsFeatures(classifier)])
@@ -211,8 +213,15 @@ class EchoDistillTrainer(DistillationTrainer):
 
     config: EchoDistillConfig
 
-    def __init__(self, config: EchoDistillConfig, accelerator=None, extractors: Sequence[nn.Module] | None = None):
+    def __init__(
+        self,
+        config: EchoDistillConfig,
+        accelerator=None,
+        extractors: Sequence[nn.Module] | None = None,
+        eval_extractor: nn.Module | None = None,
+    ) -> None:
         self.extractors = list(extractors) if extractors is not None else None
+        self.eval_extractor = eval_extractor
         super().__init__(config, accelerator)
 
     # ----------------------------------------------------------------------------------------------
@@ -263,12 +272,17 @@ class EchoDistillTrainer(DistillationTrainer):
             raise ValueError(f"identity_extractor={cfg.identity_extractor} but there are {len(self.extractors)} "
                              "extractors.")
         dims = []
+        if self.eval_extractor is not None:
+            self.eval_extractor.requires_grad_(False).eval().to(device)
         for k, extractor in enumerate(self.extractors):
             extractor.requires_grad_(False).eval().to(device)
             dims.append(check_differentiable(extractor, self.concept[:2].to(device), f"feature extractor #{k}"))
         # 4. trainables: K/V copies (teacher + student), the token row, the heads
         teacher.model.to(device, dtype)
         student.model.to(device, dtype)
+        if cfg.gradient_checkpointing:  # the networks sit inside the trainables unregistered: enable it here
+            for network in (teacher.model, student.model):
+                network.enable_gradient_checkpointing()
         teacher_kv = CrossAttentionKV(teacher, cfg.kv_lora_rank, cfg.kv_lora_alpha)
         self.teacher = PersonalizedTeacher(teacher_kv, self.new_token)
         self.student = CrossAttentionKV(student, cfg.kv_lora_rank, cfg.kv_lora_alpha)
@@ -528,7 +542,7 @@ class EchoDistillTrainer(DistillationTrainer):
             make_grid_image(pixels, nrow=n, scale=4 if pixels.shape[-1] <= 64 else 1).save(path)
 
     def evaluate(self) -> dict[str, float]:
-        """Concept fidelity of the student's samples (identity extractor; held-out concept images when given)."""
+        """Concept fidelity of the student's samples (``eval_extractor``; held-out concept images when given)."""
         from ..evaluation.personalization import concept_fidelity
 
         n = self.config.eval_num_samples
@@ -536,7 +550,7 @@ class EchoDistillTrainer(DistillationTrainer):
             return {}
         samples = self.sample_student_images(self.eval_prompts(n), range(n))
         reference = self.heldout if self.heldout is not None else self.concept
-        extractor = self.extractors[self.config.identity_extractor]
+        extractor = self.eval_extractor or self.extractors[self.config.identity_extractor]
         device = self.accelerator.device
         with torch.no_grad():
             score = concept_fidelity(samples.to(device), reference.to(device), extractor)
