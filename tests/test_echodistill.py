@@ -141,7 +141,7 @@ FRESH_PROCESS = textwrap.dedent(
 
 
 def test_export_loads_without_stepdistill_and_reproduces_its_images(world, tmp_path):
-    trainer = EchoDistillTrainer(_config(world, tmp_path / "run", export=True, max_train_steps=2,
+    trainer = EchoDistillTrainer(_config(world, tmp_path / "run", export=True, max_train_steps=2, use_ema=True,
                                          heldout_concept_images=str(world["heldout"]), eval_num_samples=4),
                                  extractors=_extractors())
     summary = trainer.train()
@@ -255,6 +255,8 @@ def test_ms_swd_and_digits_features_on_small_one_channel_images():
         f = DigitsFeatures(clf, layer)
         assert f.feature_dim == dim and f(rgb).shape == (2, dim)
         assert not f.training and not f.train().training  # stays in eval mode
+    centred = DigitsFeatures.centered(clf, rgb)
+    assert torch.allclose(centred(rgb).mean(0), torch.zeros(64), atol=1e-5)
 
 
 def test_cli_trains_with_the_default_digits_extractors(world, tmp_path, capsys):
@@ -322,3 +324,18 @@ def test_new_token_on_a_sparse_vocabulary_never_shrinks_the_table(tmp_path):
     out = te(ids).last_hidden_state
     (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()  # (LN: sum has no grad)
     assert new.weight.grad is not None and new.weight.grad.abs().sum() > 0 and table.grad is None
+
+
+def test_concept_augment_masks_the_valid_region():
+    from stepdistill.data.concepts import ConceptAugment
+
+    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y, mask = ConceptAugment(fill=-1.0)(x, torch.Generator().manual_seed(1))
+    area = mask.mean(dim=(1, 2, 3))
+    shrunk = area < 1
+    assert 5 < int(shrunk.sum()) < 32  # both branches drawn (shrink with probability 0.66)
+    assert (area[shrunk] >= (5 / 16) ** 2 - 1e-6).all()  # sides of at least size / 3
+    assert (y[shrunk] * (1 - mask[shrunk]) == -(1 - mask[shrunk])).all()  # the canvas outside holds the fill
+    assert not torch.equal(y[~shrunk], x[~shrunk])  # zoomed in (and maybe flipped)
+    same, _ = ConceptAugment(hflip=False, shrink_probability=0.0)(x, torch.Generator().manual_seed(1))
+    assert torch.equal(same, x)

@@ -74,7 +74,7 @@ class ConceptAugment:
         h, w = images.shape[-2:]
         out, masks = [], []
         for img in images:
-            u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+            u = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
             if self.hflip and u[0] < 0.5:
                 img = img.flip(-1)
             mask = torch.ones(1, h, w, dtype=img.dtype)
@@ -82,17 +82,17 @@ class ConceptAugment:
                 scale = 1 / 3 + (2 / 3) * u[2]
                 sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
                 small = _resize(img, sh, sw)
-                top, left = int(u[3] * (h - sh + 1)), int(u[2] * (w - sw + 1))
+                top, left = int(u[3] * (h - sh + 1)), int(u[4] * (w - sw + 1))
                 canvas = torch.full_like(img, self.fill)
                 canvas[:, top: top + sh, left: left + sw] = small
                 mask = torch.zeros_like(mask)
                 mask[:, top: top + sh, left: left + sw] = 1
                 img = canvas
-            elif self.shrink_probability < 1 and self.shrink_probability > 0:
+            elif 0 < self.shrink_probability < 1:
                 scale = 1.2 + 0.2 * u[2]
                 bh, bw = round(h * scale), round(w * scale)
                 big = _resize(img, bh, bw)
-                top, left = int(u[3] * (bh - h + 1)), int(u[0] * (bw - w + 1))
+                top, left = int(u[3] * (bh - h + 1)), int(u[4] * (bw - w + 1))
                 img = big[:, top: top + h, left: left + w]
             out.append(img)
             masks.append(mask)

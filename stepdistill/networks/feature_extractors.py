@@ -48,6 +48,15 @@ class DigitsFeatures(nn.Module):
         self.register_buffer("center", None if center is None else center.float().reshape(-1))
         self.requires_grad_(False).eval()
 
+    @classmethod
+    @torch.no_grad()
+    def centered(cls, classifier: nn.Module, images: torch.Tensor, layer: str = "penultimate") -> DigitsFeatures:
+        """Features centred on their mean over ``images`` (e.g. real training digits), for the cosine identity loss."""
+        extractor = cls(classifier, layer)
+        center = torch.cat([extractor(images[i: i + 256]) for i in range(0, images.shape[0], 256)]).mean(0)
+        extractor.center = center.to(extractor.center.device if extractor.center is not None else center.device)
+        return extractor
+
     def train(self, mode: bool = True) -> DigitsFeatures:
         """Stays in eval mode (fixed statistics, no dropout), whatever ``mode``."""
         return super().train(False)
