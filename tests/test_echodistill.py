@@ -271,6 +271,11 @@ def test_cli_trains_with_the_default_digits_extractors(world, tmp_path, capsys):
     assert summary["global_step"] == 1 and np.isfinite(summary["final_metrics"]["loss/identity"])
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "concept_prompts: a photo of {}|{} on a hill" in config
+    from stepdistill.configs import parse_config
+
+    again = parse_config(EchoDistillConfig, ["--config", str(tmp_path / "run" / "config.yaml")])  # a usable recipe
+    templates = ["a photo of {}", "{} on a hill"]
+    assert again.concept_templates == templates and again.student_templates == templates
 
 
 def test_pixel_space_teacher_without_vae(world, tmp_path):

@@ -232,6 +232,9 @@ class EchoDistillTrainer(DistillationTrainer):
         from .teacher import teacher_root
 
         cfg, device, dtype = self.config, self.accelerator.device, self.weight_dtype
+        if self.sharded:
+            raise ValueError("EchoDistill trains a few K/V layers, a token row and small heads: run it with DDP "
+                             "(`accelerate launch --multi_gpu`), not FSDP.")
         if not cfg.teacher or not cfg.student:
             raise ValueError("EchoDistill needs --teacher <SD-like pipeline folder> and --student <one-step student "
                              "folder>.")
