@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning
-from .schedules import NoiseSchedule, TimestepLike, check_prediction_type
+from .schedules import NoiseSchedule, TimestepLike, _is_number, check_prediction_type
 
 
 @dataclass
@@ -217,8 +217,9 @@ class Denoiser(nn.Module):
         """
         batch = x_t.shape[0]
         cond = self.check_conditioning(cond, batch)
-        # the timesteps stay where they were given (the host, for numbers): their checks, the network timestep's
-        # integrality test and the schedule's coefficients run there, with no host sync of an accelerator
+        # the timesteps are checked once, here, and stay where they were given (the host, for numbers): their
+        # checks, the network timestep's integrality test and the schedule's coefficients run there, with no host
+        # sync of an accelerator; a number's coefficients are cached by the schedule
         t_vec = self.schedule.as_timesteps(t, batch_size=batch)
         dtype, device = self.dtype, x_t.device
         timestep = self.schedule.model_timestep(t_vec).to(device)
@@ -230,7 +231,7 @@ class Denoiser(nn.Module):
                 f"{type(self.model).__name__} returned shape {tuple(raw.shape)} for input {tuple(x_t.shape)}; "
                 "a denoiser must return a prediction of the input's shape."
             )
-        x0, eps = self.schedule.to_x0_eps(raw, x_t, t_vec)
+        x0, eps = self.schedule._to_x0_eps(raw, x_t, float(t) if _is_number(t) else t_vec, batch_size=batch)
         return DenoiserOutput(x0=x0, eps=eps, model_output=raw)
 
     # ------------------------------------------------------------------------------------------------

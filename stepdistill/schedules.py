@@ -60,6 +60,11 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _is_number(t: Any) -> bool:
+    """A single Python (or NumPy floating) number, the timestep samplers pass; bools and tensors are not."""
+    return isinstance(t, (int, float)) and not isinstance(t, bool)
+
+
 def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
     dtype = torch.float32
     for x in tensors:
@@ -98,6 +103,9 @@ class NoiseSchedule(ABC):
     def __init__(self, prediction_type: str, num_train_timesteps: int = 1000) -> None:
         self.prediction_type = check_prediction_type(prediction_type)
         self.num_train_timesteps = int(num_train_timesteps)
+        # 0-d ``(alpha, sigma)`` of single timesteps given as numbers: a sampler asks for the same few levels on
+        # every call (schedules are immutable, so nothing is ever invalidated; the size is capped)
+        self._scalar_coefficients: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------------------------------------
     # what subclasses define
@@ -127,6 +135,11 @@ class NoiseSchedule(ABC):
             batch_size: When given, a scalar is expanded to ``[batch_size]``.
             device: Device of the returned tensor.
         """
+        if _is_number(t):  # one number (what samplers pass): checked in Python, no tensor op
+            t = torch.as_tensor(self._checked(t), dtype=torch.float64)
+            t = t.to(_work_dtype(torch.device(device) if device is not None else t.device))
+            t = t if batch_size is None else t.expand(batch_size)
+            return t if device is None else t.to(device)
         if not torch.is_tensor(t):
             t = torch.as_tensor(t, dtype=torch.float64)
         device = torch.device(device) if device is not None else t.device
@@ -138,10 +151,7 @@ class NoiseSchedule(ABC):
         if torch.isnan(t).any():
             raise ValueError("Timesteps contain NaN.")
         if (t < 0).any() or (t > self.max_timestep).any():
-            raise ValueError(
-                f"Timestep(s) {t.tolist()} out of range: this {self.family} schedule accepts "
-                f"0 <= t <= {self.max_timestep:g} (t=0 is clean data)."
-            )
+            raise self._range_error(t.tolist())
         if batch_size is not None:
             if t.ndim == 0 or t.shape[0] == 1:
                 t = t.reshape(()).expand(batch_size)
@@ -150,6 +160,56 @@ class NoiseSchedule(ABC):
                     f"Got {t.shape[0]} timesteps for a batch of {batch_size}: give one timestep, or one per sample."
                 )
         return t.to(device)
+
+    def _range_error(self, shown: Any) -> ValueError:
+        return ValueError(
+            f"Timestep(s) {shown} out of range: this {self.family} schedule accepts "
+            f"0 <= t <= {self.max_timestep:g} (t=0 is clean data)."
+        )
+
+    def _checked(self, t: TimestepLike) -> float | torch.Tensor:
+        """``t`` checked as :meth:`as_timesteps` checks it.
+
+        A number stays a float (checked in Python, no tensor op); anything else becomes :meth:`as_timesteps`' float64
+        tensor, where ``t`` lives.
+        """
+        if not _is_number(t):
+            return self.as_timesteps(t)
+        value = float(t)
+        if math.isnan(value):
+            raise ValueError("Timesteps contain NaN.")
+        if not 0 <= value <= self.max_timestep:
+            raise self._range_error(value)
+        return value
+
+    def _coefficients(
+        self, t: float | torch.Tensor, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 ``(alpha, sigma)`` of :meth:`_checked` timesteps, moved to ``device``.
+
+        A number's 0-d pair is computed once, by :meth:`_alpha_sigma` (so its values are exactly those of a tensor
+        argument), and kept: a sampler asks for the same few levels on every call. On the host the cached tensors
+        themselves come back: read them, never write into them (:meth:`alpha_sigma` hands out copies).
+        """
+        if torch.is_tensor(t):
+            alpha, sigma = self._alpha_sigma(t)
+        else:
+            pair = self._scalar_coefficients.get(t)
+            if pair is None:
+                if len(self._scalar_coefficients) >= 4096:  # continuous levels (random draws): start over
+                    self._scalar_coefficients.clear()
+                pair = self._scalar_coefficients[t] = self._alpha_sigma(torch.tensor(t, dtype=torch.float64))
+            alpha, sigma = pair
+        if device is None:
+            return alpha, sigma
+        return alpha.to(device), sigma.to(device)
+
+    def _alpha_sigma_on(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`alpha_sigma` for stepdistill's own arithmetic, which only reads the result (no copies)."""
+        device = torch.device(device) if device is not None else None
+        if device is not None and _work_dtype(device) != torch.float64:
+            return self._alpha_sigma(self.as_timesteps(t, device=device))
+        return self._coefficients(self._checked(t), device)
 
     def alpha_sigma(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(alpha_t, sigma_t)`` as float64 tensors with the shape of ``t``.
@@ -160,17 +220,14 @@ class NoiseSchedule(ABC):
                 and CPU tensors, so no accelerator sync and no table copy) and then moved, except on devices
                 without float64 (MPS), where they are computed there in float32.
         """
-        device = torch.device(device) if device is not None else None
-        if device is not None and _work_dtype(device) != torch.float64:
-            return self._alpha_sigma(self.as_timesteps(t, device=device))
-        alpha, sigma = self._alpha_sigma(self.as_timesteps(t))
-        if device is None:
-            return alpha, sigma
-        return alpha.to(device), sigma.to(device)
+        alpha, sigma = self._alpha_sigma_on(t, device)
+        if _is_number(t):  # the schedule's cached pair: the caller gets its own tensors
+            alpha, sigma = alpha.clone(), sigma.clone()
+        return alpha, sigma
 
     def log_snr(self, t: TimestepLike) -> torch.Tensor:
         """Return ``log(alpha_t^2 / sigma_t^2)`` (``+inf`` at clean data)."""
-        alpha, sigma = self.alpha_sigma(t)
+        alpha, sigma = self._alpha_sigma_on(t)
         return 2.0 * (torch.log(alpha) - torch.log(sigma))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: TimestepLike) -> torch.Tensor:
@@ -181,7 +238,7 @@ class NoiseSchedule(ABC):
             noise: Standard Gaussian noise of the same shape.
             t: One timestep, or one per sample ``[B]``.
         """
-        alpha, sigma = self.alpha_sigma(t, device=x0.device)
+        alpha, sigma = self._alpha_sigma_on(t, device=x0.device)
         wd = alpha.dtype
         out = _expand(alpha, x0) * x0.to(wd) + _expand(sigma, x0) * noise.to(wd)
         return out.to(x0.dtype)
@@ -202,8 +259,22 @@ class NoiseSchedule(ABC):
         Returns:
             ``(x0, eps)`` in float32 (float64 if an input was float64).
         """
+        return self._to_x0_eps(model_output, x_t, self._checked(t))
+
+    def _to_x0_eps(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: float | torch.Tensor, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`to_x0_eps` of :meth:`_checked` timesteps (a :class:`~stepdistill.Denoiser` checks them once).
+
+        ``batch_size``: the batch the timesteps are for (a number's coefficients on MPS take the shape ``[B]``).
+        """
         out_dtype = _out_dtype(model_output, x_t)
-        alpha, sigma = self.alpha_sigma(t, device=None if _work_dtype(x_t.device) == torch.float64 else x_t.device)
+        if _work_dtype(x_t.device) == torch.float64:
+            alpha, sigma = self._coefficients(t)  # a number's: 0-d (broadcasting gives the same values as [B])
+        else:  # no float64 there (MPS): computed on the device in float32, in the shape [B] the denoiser gives
+            t = torch.as_tensor(t, dtype=torch.float64)
+            t = t.expand(batch_size) if batch_size is not None and t.ndim == 0 else t
+            alpha, sigma = self._alpha_sigma(t.to(torch.float32).to(x_t.device))
         wd = alpha.dtype
         a, s = _expand(alpha, x_t), _expand(sigma, x_t)  # moved to x_t's device here; the check below reads alpha
         y, x = model_output.to(wd), x_t.to(wd)  # where t lives (the host for numbers): no accelerator sync
@@ -242,7 +313,7 @@ class NoiseSchedule(ABC):
             return x0
         if kind == "flow":
             return eps - x0
-        alpha, sigma = self.alpha_sigma(t, device=x0.device)
+        alpha, sigma = self._alpha_sigma_on(t, device=x0.device)
         wd = alpha.dtype
         v = _expand(alpha, x0) * eps.to(wd) - _expand(sigma, x0) * x0.to(wd)
         return v.to(_out_dtype(x0, eps))
@@ -298,7 +369,7 @@ class NoiseSchedule(ABC):
         Raises:
             ValueError: where ``alpha_t = 0`` (the signal is undefined at pure noise).
         """
-        alpha, sigma = self.alpha_sigma(t, device=x_t.device)
+        alpha, sigma = self._alpha_sigma_on(t, device=x_t.device)
         if bool((alpha == 0).any()):
             raise ValueError(f"The signal y_t = (x_t - sigma_t eps) / alpha_t is undefined at t={t} (alpha_t = 0).")
         y = (x_t.to(alpha.dtype) - _expand(sigma, x_t) * eps.to(alpha.dtype)) / _expand(alpha, x_t)
@@ -361,7 +432,7 @@ class NoiseSchedule(ABC):
             raise ValueError("subinterval_x0_eps needs t > s (sigma_{t|s} > 0); draw t above s, e.g. with "
                              "sample_subinterval_timesteps.")
         s_ts = s_ts.to(wd).to(x_s.device)
-        a_t, sig_t = self.alpha_sigma(t, device=x_s.device)
+        a_t, sig_t = self._alpha_sigma_on(t, device=x_s.device)
         x, n = x_s.to(wd), noise.to(wd)
         x_t = self.add_noise_from(x, n, t, s)
         eps_hat = _expand(sig_t / s_ts, x) * n
@@ -505,6 +576,7 @@ class VPSchedule(NoiseSchedule):
         super().__init__(prediction_type, num_train_timesteps=len(alphas_cumprod))
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clone()
         self.scheduler_config = dict(scheduler_config or {})
+        self._tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], prediction_type: str | None = None) -> VPSchedule:
@@ -523,8 +595,18 @@ class VPSchedule(NoiseSchedule):
         """The noisiest index, ``T - 1``."""
         return float(self.num_train_timesteps - 1)
 
+    def _table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``alphas_cumprod`` in ``dtype`` on ``device``, built once per pair (the schedule never changes)."""
+        table = self._tables.get((dtype, device))
+        if table is None:
+            table = self._tables[(dtype, device)] = self._build_table(dtype, device)
+        return table
+
+    def _build_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.alphas_cumprod.to(dtype).to(device)  # cast on CPU first: MPS has no float64
+
     def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        table = self.alphas_cumprod.to(t.dtype).to(t.device)  # cast on CPU first: MPS has no float64
+        table = self._table(t.dtype, t.device)
         lo = t.floor().long().clamp(0, self.num_train_timesteps - 1)
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
         frac = t - lo.to(t.dtype)
