@@ -188,10 +188,11 @@ class Denoiser(nn.Module):
                 f"{name} needs conditioning field(s) {missing}, but the Conditioning has {cond.present() or 'none'}. "
                 f"Pass Conditioning({', '.join(f'{m}=...' for m in missing)})."
             )
-        extra = [f for f in cond.present() if f not in self.accepted()]
+        accepted = self.accepted()
+        extra = [f for f in cond.present() if f not in accepted]
         if extra:
             raise ValueError(
-                f"{name} does not take conditioning field(s) {extra} (it accepts {list(self.accepted()) or 'none'}). "
+                f"{name} does not take conditioning field(s) {extra} (it accepts {list(accepted) or 'none'}). "
                 "Is this the right model for this conditioning (e.g. class labels for an unconditional UNet)?"
             )
         if cond.batch_size is not None and cond.batch_size != batch_size:

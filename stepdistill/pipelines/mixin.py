@@ -215,12 +215,13 @@ class StepDistillPipelineMixin:
             return denoiser.device
         modules = [m for m in (getattr(self, n, None) for n in self._component_names()) if isinstance(m, nn.Module)]
         scans = [_scan(m) for m in modules]
-        denoiser.compute_dtype = None
+        network, compute_dtype = denoiser.model, None
         for component, (_, casting, first) in zip(modules, scans):
-            if component is denoiser.model:
+            if component is network:
                 parameter_dtype = first.dtype if first is not None else torch.float32
-                denoiser.compute_dtype = casting if casting is not None else parameter_dtype
+                compute_dtype = casting if casting is not None else parameter_dtype
                 break
+        denoiser.compute_dtype = compute_dtype  # None (looked up per forward) for a network that is no component
         if any(hooked for hooked, _, _ in scans):
             return self._execution_device
         devices = [first.device if first is not None else torch.device("cpu") for _, _, first in scans]
@@ -269,6 +270,37 @@ class StepDistillPipelineMixin:
             return schedule.validate_timesteps(default)
         self.scheduler.set_timesteps(num_inference_steps or default_steps)
         return schedule.validate_timesteps(self.scheduler.timesteps.tolist())
+
+    def _single_plan(
+        self,
+        num_inference_steps: int | None,
+        timesteps: Sequence[float] | None,
+        sampler: str,
+        guidance_scale: float | None,
+        default_steps: int,
+    ) -> StepPlan:
+        """``StepPlan.single("unet", ...)`` on :meth:`_resolve_timesteps`, kept between calls where it can be.
+
+        A plan from explicit ``timesteps`` or the trained ``default_timesteps`` depends only on the call's arguments,
+        the pipeline's config (``default_timesteps``) and the scheduler's config (its schedule checks the timesteps):
+        it is kept per arguments while both configs are the same objects (diffusers makes a new config object on
+        every ``register_to_config``, ``register_modules`` or component replacement). A plan from the scheduler's
+        own spacing is built on every call, as ``set_timesteps`` (whose state the scheduler keeps) runs then.
+        """
+        key = _plan_key(num_inference_steps, timesteps, sampler, guidance_scale, default_steps)
+        default = self.config.default_timesteps
+        if key is None or (timesteps is None and (default is None or num_inference_steps not in (None, len(default)))):
+            ts = self._resolve_timesteps(num_inference_steps, timesteps, default_steps)
+            return StepPlan.single("unet", ts, sampler, guidance_scale)
+        configs = (self.config, self.scheduler.config)
+        cached = self.__dict__.get("_stepdistill_plans")
+        if cached is None or cached[0][0] is not configs[0] or cached[0][1] is not configs[1] or len(cached[1]) >= 32:
+            cached = self.__dict__["_stepdistill_plans"] = (configs, {})
+        plan = cached[1].get(key)
+        if plan is None:
+            ts = self._resolve_timesteps(num_inference_steps, timesteps, default_steps)
+            plan = cached[1][key] = StepPlan.single("unet", ts, sampler, guidance_scale)
+        return plan
 
     # ------------------------------------------------------------------------------------------------
     # conditioning
@@ -692,6 +724,18 @@ def _scan(component: nn.Module) -> tuple[bool, torch.dtype | None, torch.Tensor 
 def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:
     """Each row ``n`` times, adjacent (``repeat_interleave``); ``x`` itself for ``n = 1`` (nothing writes into it)."""
     return x if n == 1 else x.repeat_interleave(n, dim=0)
+
+
+def _plan_key(
+    num_inference_steps: Any, timesteps: Any, sampler: str, guidance_scale: float | None, default_steps: int
+) -> tuple | None:
+    """The arguments a one-network plan is built from, as a key; ``None`` for anything but plain numbers."""
+    plain = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if num_inference_steps is not None and not plain(num_inference_steps):
+        return None
+    if timesteps is not None and not (isinstance(timesteps, (list, tuple)) and all(plain(t) for t in timesteps)):
+        return None
+    return num_inference_steps, None if timesteps is None else tuple(timesteps), sampler, guidance_scale, default_steps
 
 
 def _check_count(name: str, value: int | None) -> None:

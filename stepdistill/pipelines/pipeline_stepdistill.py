@@ -31,7 +31,6 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from torch import nn
 
-from ..sampling import StepPlan
 from .mixin import (  # noqa: F401 (re-exported: the names' old home)
     OUTPUT_TYPES,
     STUDENT_SCHEDULERS,
@@ -207,9 +206,9 @@ class StepDistillPipeline(DiffusionPipeline, StepDistillPipelineMixin):
         self._cross_attention_kwargs = cross_attention_kwargs
         denoiser = self.denoiser_of(self.unet, self.schedule, cross_attention_kwargs)
         student = self.is_student
-        ts = self._resolve_timesteps(num_inference_steps, timesteps, 1 if student else DEFAULT_TEACHER_STEPS)
-        plan = StepPlan.single("unet", ts, "renoise" if student else "ode",
-                               guidance_scale if self.do_classifier_free_guidance else None)  # fmt: skip
+        plan = self._single_plan(num_inference_steps, timesteps, "renoise" if student else "ode",
+                                 guidance_scale if self.do_classifier_free_guidance else None,
+                                 1 if student else DEFAULT_TEACHER_STEPS)  # fmt: skip
 
         # 1-3. Check inputs, encode the conditioning, starting latents
         cond, x_T = self._prepare_call(
