@@ -329,3 +329,26 @@ def test_a_disabled_progress_bar_is_not_built(unet, monkeypatch):
     assert bars == []
     pipe.set_progress_bar_config(disable=False, file=open(os.devnull, "w"))  # noqa: SIM115
     assert torch.equal(_images(pipe), first) and bars == [{"total": 1}]
+
+
+def test_the_plan_is_kept_until_the_timesteps_or_a_config_change(unet):
+    pipe = _pipe(unet)
+    first = _images(pipe, timesteps=[999, 499])
+    plans = pipe.__dict__["_stepdistill_plans"][1]
+    kept = next(iter(plans.values()))
+    assert torch.equal(_images(pipe, timesteps=[999, 499]), first) and next(iter(plans.values())) is kept
+    other = _images(pipe, timesteps=[999, 249])
+    assert not torch.equal(other, first) and len(plans) == 2
+
+    # the trained default timesteps live in the pipeline's config: changing them gives the new ones' images
+    pipe.register_to_config(default_timesteps=[999, 249])
+    assert torch.equal(_images(pipe), other)
+    pipe.register_to_config(default_timesteps=[999, 499])
+    assert torch.equal(_images(pipe), first)
+
+    # the scheduler's own spacing is never kept: set_timesteps runs, as diffusers' pipelines run it
+    pipe.register_to_config(default_timesteps=None)
+    for _ in range(2):
+        pipe.scheduler.timesteps = None
+        _images(pipe, num_inference_steps=2)
+        assert pipe.scheduler.timesteps is not None and len(pipe.scheduler.timesteps) == 2
