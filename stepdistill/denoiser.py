@@ -220,10 +220,16 @@ class Denoiser(nn.Module):
         cond = self.check_conditioning(cond, batch)
         # the timesteps are checked once, here, and stay where they were given (the host, for numbers): their
         # checks, the network timestep's integrality test and the schedule's coefficients run there, with no host
-        # sync of an accelerator; a number's coefficients are cached by the schedule
-        t_vec = self.schedule.as_timesteps(t, batch_size=batch)
+        # sync of an accelerator. A number (what samplers pass) is checked in Python, and what it gives (network
+        # timestep, coefficients) is kept by the schedule.
+        if _is_number(t):
+            level = self.schedule._checked(t)
+            timestep = self.schedule._network_timestep(level, batch)
+        else:
+            level = self.schedule.as_timesteps(t, batch_size=batch)
+            timestep = self.schedule.model_timestep(level)
         dtype, device = self.dtype, x_t.device
-        timestep = self.schedule.model_timestep(t_vec).to(device)
+        timestep = timestep.to(device)
         raw = self._call_model(x_t.to(dtype), timestep, cond.to(device=device, dtype=dtype))
         if raw.shape[1] == 2 * x_t.shape[1] and raw.shape[1] != x_t.shape[1]:
             raw = raw[:, : x_t.shape[1]]  # learned-variance heads (DiT, IF): keep the mean prediction
@@ -232,7 +238,7 @@ class Denoiser(nn.Module):
                 f"{type(self.model).__name__} returned shape {tuple(raw.shape)} for input {tuple(x_t.shape)}; "
                 "a denoiser must return a prediction of the input's shape."
             )
-        x0, eps = self.schedule._to_x0_eps(raw, x_t, float(t) if _is_number(t) else t_vec, batch_size=batch)
+        x0, eps = self.schedule._to_x0_eps(raw, x_t, level, batch_size=batch)
         return DenoiserOutput(x0=x0, eps=eps, model_output=raw)
 
     # ------------------------------------------------------------------------------------------------

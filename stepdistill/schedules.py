@@ -29,7 +29,7 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,6 +58,16 @@ def check_prediction_type(prediction_type: str) -> str:
 
 def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+class _Level(NamedTuple):
+    """What a single timestep given as a number always gives (0-d float64 tensors on the host; read only)."""
+
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    alpha_is_zero: bool  # an epsilon model cannot give x0 there
+    norm: torch.Tensor | None  # the denominator of the v / flow conversions (``a*a + s*s``, ``a + s``)
+    timestep: torch.Tensor  # 0-d :meth:`NoiseSchedule.model_timestep`
 
 
 def _is_number(t: Any) -> bool:
@@ -103,9 +113,9 @@ class NoiseSchedule(ABC):
     def __init__(self, prediction_type: str, num_train_timesteps: int = 1000) -> None:
         self.prediction_type = check_prediction_type(prediction_type)
         self.num_train_timesteps = int(num_train_timesteps)
-        # 0-d ``(alpha, sigma)`` of single timesteps given as numbers: a sampler asks for the same few levels on
+        # what single timesteps given as numbers give (:meth:`_level`): a sampler asks for the same few levels on
         # every call (schedules are immutable, so nothing is ever invalidated; the size is capped)
-        self._scalar_coefficients: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._levels: dict[float, _Level] = {}
 
     # ----------------------------------------------------------------------------------------------
     # what subclasses define
@@ -182,27 +192,41 @@ class NoiseSchedule(ABC):
             raise self._range_error(value)
         return value
 
+    def _level(self, t: float) -> _Level:
+        """What the :meth:`_checked` number ``t`` gives, computed once (a sampler asks for the same few levels).
+
+        Everything is computed by the same code a tensor argument runs (:meth:`_alpha_sigma`, :meth:`model_timestep`,
+        the conversions' denominators), on 0-d tensors, so the values are exactly those of a tensor argument.
+        """
+        level = self._levels.get(t)
+        if level is None:
+            if len(self._levels) >= 4096:  # continuous levels (a caller's random draws): start over
+                self._levels.clear()
+            alpha, sigma = self._alpha_sigma(torch.tensor(t, dtype=torch.float64))
+            norm = {"v_prediction": alpha * alpha + sigma * sigma, "flow": alpha + sigma}.get(self.prediction_type)
+            timestep = self.model_timestep(torch.tensor(t, dtype=torch.float64))
+            level = self._levels[t] = _Level(alpha, sigma, bool(alpha == 0), norm, timestep)
+        return level
+
     def _coefficients(
         self, t: float | torch.Tensor, device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float64 ``(alpha, sigma)`` of :meth:`_checked` timesteps, moved to ``device``.
 
-        A number's 0-d pair is computed once, by :meth:`_alpha_sigma` (so its values are exactly those of a tensor
-        argument), and kept: a sampler asks for the same few levels on every call. On the host the cached tensors
-        themselves come back: read them, never write into them (:meth:`alpha_sigma` hands out copies).
+        A number's are the 0-d tensors :meth:`_level` keeps: on the host they come back themselves, so read them,
+        never write into them (:meth:`alpha_sigma` hands out copies).
         """
         if torch.is_tensor(t):
             alpha, sigma = self._alpha_sigma(t)
         else:
-            pair = self._scalar_coefficients.get(t)
-            if pair is None:
-                if len(self._scalar_coefficients) >= 4096:  # continuous levels (random draws): start over
-                    self._scalar_coefficients.clear()
-                pair = self._scalar_coefficients[t] = self._alpha_sigma(torch.tensor(t, dtype=torch.float64))
-            alpha, sigma = pair
+            alpha, sigma, *_ = self._level(t)
         if device is None:
             return alpha, sigma
         return alpha.to(device), sigma.to(device)
+
+    def _network_timestep(self, t: float, batch_size: int) -> torch.Tensor:
+        """``model_timestep`` of the :meth:`_checked` number ``t`` for a batch: ``[batch_size]``, on the host."""
+        return self._level(t).timestep.repeat(batch_size)
 
     def _alpha_sigma_on(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`alpha_sigma` for stepdistill's own arithmetic, which only reads the result (no copies)."""
@@ -269,18 +293,22 @@ class NoiseSchedule(ABC):
         ``batch_size``: the batch the timesteps are for (a number's coefficients on MPS take the shape ``[B]``).
         """
         out_dtype = _out_dtype(model_output, x_t)
-        if _work_dtype(x_t.device) == torch.float64:
-            alpha, sigma = self._coefficients(t)  # a number's: 0-d (broadcasting gives the same values as [B])
-        else:  # no float64 there (MPS): computed on the device in float32, in the shape [B] the denoiser gives
+        level = None
+        if _work_dtype(x_t.device) != torch.float64:  # no float64 there (MPS): computed there in float32, in [B]
             t = torch.as_tensor(t, dtype=torch.float64)
             t = t.expand(batch_size) if batch_size is not None and t.ndim == 0 else t
             alpha, sigma = self._alpha_sigma(t.to(torch.float32).to(x_t.device))
+        elif torch.is_tensor(t):
+            alpha, sigma = self._alpha_sigma(t)
+        else:  # a number's: 0-d, kept (broadcasting gives the values a [B] tensor gives)
+            level = self._level(t)
+            alpha, sigma = level.alpha, level.sigma
         wd = alpha.dtype
         a, s = _expand(alpha, x_t), _expand(sigma, x_t)  # moved to x_t's device here; the check below reads alpha
         y, x = model_output.to(wd), x_t.to(wd)  # where t lives (the host for numbers): no accelerator sync
         kind = self.prediction_type
         if kind == "epsilon":
-            if bool((alpha == 0).any()):
+            if level.alpha_is_zero if level is not None else bool((alpha == 0).any()):
                 raise ValueError(
                     "An epsilon-prediction model cannot give x0 where alpha_t = 0 (a zero-terminal-SNR schedule "
                     "at its last timestep). Use a v_prediction or sample model there, or a timestep below the end."
@@ -291,11 +319,11 @@ class NoiseSchedule(ABC):
             x0 = y
             eps = (x - a * x0) / s
         elif kind == "v_prediction":
-            norm = a * a + s * s
+            norm = _expand(level.norm, x_t) if level is not None else a * a + s * s
             x0 = (a * x - s * y) / norm
             eps = (s * x + a * y) / norm
         else:  # flow: y = eps - x0
-            norm = a + s
+            norm = _expand(level.norm, x_t) if level is not None else a + s
             x0 = (x - s * y) / norm
             eps = (x + a * y) / norm
         return x0.to(out_dtype), eps.to(out_dtype)

@@ -270,6 +270,26 @@ def test_coefficients_of_a_number_are_computed_once_and_handed_out_as_copies(mon
     assert torch.equal(schedule.alpha_sigma(749)[0], tensor_alpha)
 
 
+@pytest.mark.parametrize("t", [999, 749.5, 0])
+@pytest.mark.parametrize("family", ["vp", "flow"])
+def test_a_kept_level_gives_what_a_tensor_timestep_gives(family, t):
+    """The network timestep and the (x0, eps) conversion of a number, kept by the schedule, equal a tensor's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from stepdistill import NoiseSchedule
+
+    config = teacher_scheduler().config if family == "vp" else FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    schedule = NoiseSchedule.from_scheduler_config(dict(config))
+    t_vec = schedule.as_timesteps(t, batch_size=3)
+    for _ in range(2):  # computed, then kept
+        kept = schedule._network_timestep(float(t), 3)
+        want = schedule.model_timestep(t_vec)
+        assert kept.dtype == want.dtype and torch.equal(kept, want)
+        y, x = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+        for got, ref in zip(schedule._to_x0_eps(y, x, float(t), 3), schedule.to_x0_eps(y, x, t_vec)):
+            assert torch.equal(got, ref)
+
+
 def test_the_float64_table_is_built_once_per_device_and_dtype(monkeypatch):
     schedule = VPSchedule.from_config(dict(teacher_scheduler().config))
     builds = []
@@ -297,10 +317,13 @@ def test_a_denoiser_call_checks_its_timesteps_once(unet, monkeypatch):
     x, cond = torch.randn(2, 1, 8, 8), Conditioning(class_labels=torch.tensor([3, 4]), null_class_label=10)
     with torch.no_grad():
         by_number = denoiser(x, 999, cond)
-        assert (len(checks), len(nan_checks)) == (1, 0)
+        assert (len(checks), len(nan_checks)) == (0, 0)
         by_tensor = denoiser(x, torch.tensor([999, 999]), cond)
-    assert (len(checks), len(nan_checks)) == (2, 1)
+        assert (len(checks), len(nan_checks)) == (1, 1)
+        with pytest.raises(ValueError, match="out of range"):
+            denoiser(x, 1000, cond)
     assert torch.equal(by_number.x0, by_tensor.x0) and torch.equal(by_number.eps, by_tensor.eps)
+    assert torch.equal(by_number.model_output, by_tensor.model_output)
 
 
 def test_finishing_a_call_reads_no_signature_and_still_resets_and_offloads(unet, monkeypatch):

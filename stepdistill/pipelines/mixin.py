@@ -667,7 +667,9 @@ class StepDistillPipelineMixin:
             return
         for name in self._component_names():
             component = getattr(self, name, None)
-            if hasattr(component, "_reset_stateful_cache"):
+            # the class's method or an instance attribute: what hasattr finds, without a failing __getattr__ each
+            if component is not None and (hasattr(type(component), "_reset_stateful_cache")
+                                          or "_reset_stateful_cache" in getattr(component, "__dict__", ())):
                 component._reset_stateful_cache()
 
     def _finish(self, x0: torch.Tensor, output_type: str) -> Any:
