@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python eval/bench_speed.py                 # CPU, 1 thread, ~3 minutes
     PYTHONPATH=. python eval/bench_speed.py --device cuda   # the SD1.5-size items (untested: no GPU was available)
+    PYTHONPATH=. python eval/bench_speed.py --clock cpu     # on a shared machine: CPU time, not elapsed time
 
 **Inference.** For each student -- the digits one-step / four-step student (pixel space, built from the shipped
 digits teacher's architecture and weights: a student's weights do not change its timing) and a tiny
@@ -61,6 +62,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: What the timings read: wall-clock time (``--clock wall``), or this process's CPU time (``--clock cpu``).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def per_call(fn: Fn | tuple[Fn, Callable[[object], object]], device: torch.device, min_time: float) -> float:
     """Mean seconds per call of ``fn`` over enough calls to last ``min_time`` seconds (at least one).
 
@@ -72,10 +78,10 @@ def per_call(fn: Fn | tuple[Fn, Callable[[object], object]], device: torch.devic
     while True:
         arg = setup() if setup is not None else None
         _sync(device)
-        start = time.perf_counter()
+        start = _clock()
         run(arg) if run is not None else fn()
         _sync(device)
-        total += time.perf_counter() - start
+        total += _clock() - start
         calls += 1
         if total >= min_time:
             return total / calls
@@ -520,7 +526,8 @@ def markdown(result: dict) -> str:
         f"{env['cpu_count']} CPUs shared with other jobs: load average (1, 5, 15 min) before {env['load_before']}, "
         f"after {env['load_after']}; {result['wall_seconds']:.0f} s.",
         "Ratios are paired within a round (every callable timed once per round, rotating order); median over "
-        f"{result['rounds']} rounds, [min, max] in brackets.",
+        f"{result['rounds']} rounds, [min, max] in brackets. Times are "
+        + ("this process's CPU time (`--clock cpu`)." if result.get("clock") == "cpu" else "wall-clock time."),
         "",
         "## Inference: pipeline call / raw network forward passes (same network, batch, timesteps)",
         "",
@@ -589,12 +596,19 @@ def main() -> None:
                         choices=["overhead", "inference", "training"],
                         help="What to run (the overhead section also runs on older stepdistill versions: compare "
                              "them by pointing PYTHONPATH at each checkout).")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                        help="wall: elapsed time. cpu: this process's CPU time (time.process_time), which leaves out "
+                             "the time other jobs hold a shared machine's cores; CPU device with --threads 1 only.")
     parser.add_argument("--out-dir", default=str(ROOT / "eval/results"))
     parser.add_argument("--name", default="bench_speed", help="Output file stem.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.clock == "cpu" and (cuda or args.threads != 1):
+        raise ValueError("--clock cpu times one CPU thread: use it with --device cpu --threads 1 (or --clock wall).")
+    global _clock
+    _clock = CLOCKS[args.clock]
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     args.latent_size = "sd15" if cuda else "tiny"
     args.latent_batches = args.latent_batches or ([1, 8] if cuda else args.batches)
@@ -607,7 +621,7 @@ def main() -> None:
                         "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
                         "cpu_count": os.cpu_count(), "load_before": [round(x, 2) for x in load_before],
                         "dtype": str(dtype)},
-        "rounds": args.rounds, "min_time": args.min_time,
+        "rounds": args.rounds, "min_time": args.min_time, "clock": args.clock,
         "stepdistill": str(Path(stepdistill.__file__).parent),  # which checkout was measured
     }
     if "overhead" in args.sections:

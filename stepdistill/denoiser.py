@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning
-from .schedules import NoiseSchedule, TimestepLike, check_prediction_type
+from .schedules import NoiseSchedule, TimestepLike, _is_number, check_prediction_type
 
 
 @dataclass
@@ -188,10 +188,11 @@ class Denoiser(nn.Module):
                 f"{name} needs conditioning field(s) {missing}, but the Conditioning has {cond.present() or 'none'}. "
                 f"Pass Conditioning({', '.join(f'{m}=...' for m in missing)})."
             )
-        extra = [f for f in cond.present() if f not in self.accepted()]
+        accepted = self.accepted()
+        extra = [f for f in cond.present() if f not in accepted]
         if extra:
             raise ValueError(
-                f"{name} does not take conditioning field(s) {extra} (it accepts {list(self.accepted()) or 'none'}). "
+                f"{name} does not take conditioning field(s) {extra} (it accepts {list(accepted) or 'none'}). "
                 "Is this the right model for this conditioning (e.g. class labels for an unconditional UNet)?"
             )
         if cond.batch_size is not None and cond.batch_size != batch_size:
@@ -217,11 +218,18 @@ class Denoiser(nn.Module):
         """
         batch = x_t.shape[0]
         cond = self.check_conditioning(cond, batch)
-        # the timesteps stay where they were given (the host, for numbers): their checks, the network timestep's
-        # integrality test and the schedule's coefficients run there, with no host sync of an accelerator
-        t_vec = self.schedule.as_timesteps(t, batch_size=batch)
+        # the timesteps are checked once, here, and stay where they were given (the host, for numbers): their
+        # checks, the network timestep's integrality test and the schedule's coefficients run there, with no host
+        # sync of an accelerator. A number (what samplers pass) is checked in Python, and what it gives (network
+        # timestep, coefficients) is kept by the schedule.
+        if _is_number(t):
+            level = self.schedule._checked(t)
+            timestep = self.schedule._network_timestep(level, batch)
+        else:
+            level = self.schedule.as_timesteps(t, batch_size=batch)
+            timestep = self.schedule.model_timestep(level)
         dtype, device = self.dtype, x_t.device
-        timestep = self.schedule.model_timestep(t_vec).to(device)
+        timestep = timestep.to(device)
         raw = self._call_model(x_t.to(dtype), timestep, cond.to(device=device, dtype=dtype))
         if raw.shape[1] == 2 * x_t.shape[1] and raw.shape[1] != x_t.shape[1]:
             raw = raw[:, : x_t.shape[1]]  # learned-variance heads (DiT, IF): keep the mean prediction
@@ -230,7 +238,7 @@ class Denoiser(nn.Module):
                 f"{type(self.model).__name__} returned shape {tuple(raw.shape)} for input {tuple(x_t.shape)}; "
                 "a denoiser must return a prediction of the input's shape."
             )
-        x0, eps = self.schedule.to_x0_eps(raw, x_t, t_vec)
+        x0, eps = self.schedule._to_x0_eps(raw, x_t, level, batch_size=batch)
         return DenoiserOutput(x0=x0, eps=eps, model_output=raw)
 
     # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,6 +58,21 @@ def check_prediction_type(prediction_type: str) -> str:
 
 def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+class _Level(NamedTuple):
+    """What a single timestep given as a number always gives (0-d float64 tensors on the host; read only)."""
+
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    alpha_is_zero: bool  # an epsilon model cannot give x0 there
+    norm: torch.Tensor | None  # the denominator of the v / flow conversions (``a*a + s*s``, ``a + s``)
+    timestep: torch.Tensor  # 0-d :meth:`NoiseSchedule.model_timestep`
+
+
+def _is_number(t: Any) -> bool:
+    """A single Python (or NumPy floating) number, the timestep samplers pass; bools and tensors are not."""
+    return isinstance(t, (int, float)) and not isinstance(t, bool)
 
 
 def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -98,6 +113,9 @@ class NoiseSchedule(ABC):
     def __init__(self, prediction_type: str, num_train_timesteps: int = 1000) -> None:
         self.prediction_type = check_prediction_type(prediction_type)
         self.num_train_timesteps = int(num_train_timesteps)
+        # what single timesteps given as numbers give (:meth:`_level`): a sampler asks for the same few levels on
+        # every call (schedules are immutable, so nothing is ever invalidated; the size is capped)
+        self._levels: dict[float, _Level] = {}
 
     # ----------------------------------------------------------------------------------------------
     # what subclasses define
@@ -127,6 +145,11 @@ class NoiseSchedule(ABC):
             batch_size: When given, a scalar is expanded to ``[batch_size]``.
             device: Device of the returned tensor.
         """
+        if _is_number(t):  # one number (what samplers pass): checked in Python, no tensor op
+            t = torch.as_tensor(self._checked(t), dtype=torch.float64)
+            t = t.to(_work_dtype(torch.device(device) if device is not None else t.device))
+            t = t if batch_size is None else t.expand(batch_size)
+            return t if device is None else t.to(device)
         if not torch.is_tensor(t):
             t = torch.as_tensor(t, dtype=torch.float64)
         device = torch.device(device) if device is not None else t.device
@@ -138,10 +161,7 @@ class NoiseSchedule(ABC):
         if torch.isnan(t).any():
             raise ValueError("Timesteps contain NaN.")
         if (t < 0).any() or (t > self.max_timestep).any():
-            raise ValueError(
-                f"Timestep(s) {t.tolist()} out of range: this {self.family} schedule accepts "
-                f"0 <= t <= {self.max_timestep:g} (t=0 is clean data)."
-            )
+            raise self._range_error(t.tolist())
         if batch_size is not None:
             if t.ndim == 0 or t.shape[0] == 1:
                 t = t.reshape(()).expand(batch_size)
@@ -150,6 +170,70 @@ class NoiseSchedule(ABC):
                     f"Got {t.shape[0]} timesteps for a batch of {batch_size}: give one timestep, or one per sample."
                 )
         return t.to(device)
+
+    def _range_error(self, shown: Any) -> ValueError:
+        return ValueError(
+            f"Timestep(s) {shown} out of range: this {self.family} schedule accepts "
+            f"0 <= t <= {self.max_timestep:g} (t=0 is clean data)."
+        )
+
+    def _checked(self, t: TimestepLike) -> float | torch.Tensor:
+        """``t`` checked as :meth:`as_timesteps` checks it.
+
+        A number stays a float (checked in Python, no tensor op); anything else becomes :meth:`as_timesteps`' float64
+        tensor, where ``t`` lives.
+        """
+        if not _is_number(t):
+            return self.as_timesteps(t)
+        value = float(t)
+        if math.isnan(value):
+            raise ValueError("Timesteps contain NaN.")
+        if not 0 <= value <= self.max_timestep:
+            raise self._range_error(value)
+        return value
+
+    def _level(self, t: float) -> _Level:
+        """What the :meth:`_checked` number ``t`` gives, computed once (a sampler asks for the same few levels).
+
+        Everything is computed by the same code a tensor argument runs (:meth:`_alpha_sigma`, :meth:`model_timestep`,
+        the conversions' denominators), on 0-d tensors, so the values are exactly those of a tensor argument.
+        """
+        level = self._levels.get(t)
+        if level is None:
+            if len(self._levels) >= 4096:  # continuous levels (a caller's random draws): start over
+                self._levels.clear()
+            alpha, sigma = self._alpha_sigma(torch.tensor(t, dtype=torch.float64))
+            norm = {"v_prediction": alpha * alpha + sigma * sigma, "flow": alpha + sigma}.get(self.prediction_type)
+            timestep = self.model_timestep(torch.tensor(t, dtype=torch.float64))
+            level = self._levels[t] = _Level(alpha, sigma, bool(alpha == 0), norm, timestep)
+        return level
+
+    def _coefficients(
+        self, t: float | torch.Tensor, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 ``(alpha, sigma)`` of :meth:`_checked` timesteps, moved to ``device``.
+
+        A number's are the 0-d tensors :meth:`_level` keeps: on the host they come back themselves, so read them,
+        never write into them (:meth:`alpha_sigma` hands out copies).
+        """
+        if torch.is_tensor(t):
+            alpha, sigma = self._alpha_sigma(t)
+        else:
+            alpha, sigma, *_ = self._level(t)
+        if device is None:
+            return alpha, sigma
+        return alpha.to(device), sigma.to(device)
+
+    def _network_timestep(self, t: float, batch_size: int) -> torch.Tensor:
+        """``model_timestep`` of the :meth:`_checked` number ``t`` for a batch: ``[batch_size]``, on the host."""
+        return self._level(t).timestep.repeat(batch_size)
+
+    def _alpha_sigma_on(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`alpha_sigma` for stepdistill's own arithmetic, which only reads the result (no copies)."""
+        device = torch.device(device) if device is not None else None
+        if device is not None and _work_dtype(device) != torch.float64:
+            return self._alpha_sigma(self.as_timesteps(t, device=device))
+        return self._coefficients(self._checked(t), device)
 
     def alpha_sigma(self, t: TimestepLike, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(alpha_t, sigma_t)`` as float64 tensors with the shape of ``t``.
@@ -160,17 +244,14 @@ class NoiseSchedule(ABC):
                 and CPU tensors, so no accelerator sync and no table copy) and then moved, except on devices
                 without float64 (MPS), where they are computed there in float32.
         """
-        device = torch.device(device) if device is not None else None
-        if device is not None and _work_dtype(device) != torch.float64:
-            return self._alpha_sigma(self.as_timesteps(t, device=device))
-        alpha, sigma = self._alpha_sigma(self.as_timesteps(t))
-        if device is None:
-            return alpha, sigma
-        return alpha.to(device), sigma.to(device)
+        alpha, sigma = self._alpha_sigma_on(t, device)
+        if _is_number(t):  # the schedule's cached pair: the caller gets its own tensors
+            alpha, sigma = alpha.clone(), sigma.clone()
+        return alpha, sigma
 
     def log_snr(self, t: TimestepLike) -> torch.Tensor:
         """Return ``log(alpha_t^2 / sigma_t^2)`` (``+inf`` at clean data)."""
-        alpha, sigma = self.alpha_sigma(t)
+        alpha, sigma = self._alpha_sigma_on(t)
         return 2.0 * (torch.log(alpha) - torch.log(sigma))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: TimestepLike) -> torch.Tensor:
@@ -181,7 +262,7 @@ class NoiseSchedule(ABC):
             noise: Standard Gaussian noise of the same shape.
             t: One timestep, or one per sample ``[B]``.
         """
-        alpha, sigma = self.alpha_sigma(t, device=x0.device)
+        alpha, sigma = self._alpha_sigma_on(t, device=x0.device)
         wd = alpha.dtype
         out = _expand(alpha, x0) * x0.to(wd) + _expand(sigma, x0) * noise.to(wd)
         return out.to(x0.dtype)
@@ -202,14 +283,32 @@ class NoiseSchedule(ABC):
         Returns:
             ``(x0, eps)`` in float32 (float64 if an input was float64).
         """
+        return self._to_x0_eps(model_output, x_t, self._checked(t))
+
+    def _to_x0_eps(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: float | torch.Tensor, batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`to_x0_eps` of :meth:`_checked` timesteps (a :class:`~stepdistill.Denoiser` checks them once).
+
+        ``batch_size``: the batch the timesteps are for (a number's coefficients on MPS take the shape ``[B]``).
+        """
         out_dtype = _out_dtype(model_output, x_t)
-        alpha, sigma = self.alpha_sigma(t, device=None if _work_dtype(x_t.device) == torch.float64 else x_t.device)
+        level = None
+        if _work_dtype(x_t.device) != torch.float64:  # no float64 there (MPS): computed there in float32, in [B]
+            t = torch.as_tensor(t, dtype=torch.float64)
+            t = t.expand(batch_size) if batch_size is not None and t.ndim == 0 else t
+            alpha, sigma = self._alpha_sigma(t.to(torch.float32).to(x_t.device))
+        elif torch.is_tensor(t):
+            alpha, sigma = self._alpha_sigma(t)
+        else:  # a number's: 0-d, kept (broadcasting gives the values a [B] tensor gives)
+            level = self._level(t)
+            alpha, sigma = level.alpha, level.sigma
         wd = alpha.dtype
         a, s = _expand(alpha, x_t), _expand(sigma, x_t)  # moved to x_t's device here; the check below reads alpha
         y, x = model_output.to(wd), x_t.to(wd)  # where t lives (the host for numbers): no accelerator sync
         kind = self.prediction_type
         if kind == "epsilon":
-            if bool((alpha == 0).any()):
+            if level.alpha_is_zero if level is not None else bool((alpha == 0).any()):
                 raise ValueError(
                     "An epsilon-prediction model cannot give x0 where alpha_t = 0 (a zero-terminal-SNR schedule "
                     "at its last timestep). Use a v_prediction or sample model there, or a timestep below the end."
@@ -220,11 +319,11 @@ class NoiseSchedule(ABC):
             x0 = y
             eps = (x - a * x0) / s
         elif kind == "v_prediction":
-            norm = a * a + s * s
+            norm = _expand(level.norm, x_t) if level is not None else a * a + s * s
             x0 = (a * x - s * y) / norm
             eps = (s * x + a * y) / norm
         else:  # flow: y = eps - x0
-            norm = a + s
+            norm = _expand(level.norm, x_t) if level is not None else a + s
             x0 = (x - s * y) / norm
             eps = (x + a * y) / norm
         return x0.to(out_dtype), eps.to(out_dtype)
@@ -242,7 +341,7 @@ class NoiseSchedule(ABC):
             return x0
         if kind == "flow":
             return eps - x0
-        alpha, sigma = self.alpha_sigma(t, device=x0.device)
+        alpha, sigma = self._alpha_sigma_on(t, device=x0.device)
         wd = alpha.dtype
         v = _expand(alpha, x0) * eps.to(wd) - _expand(sigma, x0) * x0.to(wd)
         return v.to(_out_dtype(x0, eps))
@@ -298,7 +397,7 @@ class NoiseSchedule(ABC):
         Raises:
             ValueError: where ``alpha_t = 0`` (the signal is undefined at pure noise).
         """
-        alpha, sigma = self.alpha_sigma(t, device=x_t.device)
+        alpha, sigma = self._alpha_sigma_on(t, device=x_t.device)
         if bool((alpha == 0).any()):
             raise ValueError(f"The signal y_t = (x_t - sigma_t eps) / alpha_t is undefined at t={t} (alpha_t = 0).")
         y = (x_t.to(alpha.dtype) - _expand(sigma, x_t) * eps.to(alpha.dtype)) / _expand(alpha, x_t)
@@ -361,7 +460,7 @@ class NoiseSchedule(ABC):
             raise ValueError("subinterval_x0_eps needs t > s (sigma_{t|s} > 0); draw t above s, e.g. with "
                              "sample_subinterval_timesteps.")
         s_ts = s_ts.to(wd).to(x_s.device)
-        a_t, sig_t = self.alpha_sigma(t, device=x_s.device)
+        a_t, sig_t = self._alpha_sigma_on(t, device=x_s.device)
         x, n = x_s.to(wd), noise.to(wd)
         x_t = self.add_noise_from(x, n, t, s)
         eps_hat = _expand(sig_t / s_ts, x) * n
@@ -505,6 +604,7 @@ class VPSchedule(NoiseSchedule):
         super().__init__(prediction_type, num_train_timesteps=len(alphas_cumprod))
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clone()
         self.scheduler_config = dict(scheduler_config or {})
+        self._tables: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], prediction_type: str | None = None) -> VPSchedule:
@@ -523,8 +623,18 @@ class VPSchedule(NoiseSchedule):
         """The noisiest index, ``T - 1``."""
         return float(self.num_train_timesteps - 1)
 
+    def _table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``alphas_cumprod`` in ``dtype`` on ``device``, built once per pair (the schedule never changes)."""
+        table = self._tables.get((dtype, device))
+        if table is None:
+            table = self._tables[(dtype, device)] = self._build_table(dtype, device)
+        return table
+
+    def _build_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.alphas_cumprod.to(dtype).to(device)  # cast on CPU first: MPS has no float64
+
     def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        table = self.alphas_cumprod.to(t.dtype).to(t.device)  # cast on CPU first: MPS has no float64
+        table = self._table(t.dtype, t.device)
         lo = t.floor().long().clamp(0, self.num_train_timesteps - 1)
         hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
         frac = t - lo.to(t.dtype)

@@ -6,15 +6,18 @@ the outputs, bit for bit -- and count the expensive lookups and host reads it re
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import os
 import sys
+import weakref
 
 import pytest
 import torch
 from diffusers import LCMScheduler, UNet2DModel
 
-from stepdistill import VPSchedule, initial_noise, make_generators
+from stepdistill import Conditioning, Denoiser, VPSchedule, initial_noise, make_generators
 from stepdistill.data.digits_models import teacher_scheduler, teacher_unet
 from stepdistill.pipelines import StepDistillPipeline
 from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
@@ -188,3 +191,187 @@ def test_conditioning_to_rebuilds_nothing_already_in_place():
     labels = Conditioning(class_labels=torch.tensor([1, 2]), null_class_label=10)
     assert labels.to("cpu", torch.float16) is labels  # integer labels are never cast
     assert labels.to("meta") is not labels and labels.to("meta").class_labels.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------------------------------
+# what is kept between calls, and what makes it be rebuilt: each test fails if its cache goes stale or is skipped
+def _images(pipe: StepDistillPipeline, **kwargs) -> torch.Tensor:
+    return pipe(class_labels=[3, 4], generator=make_generators([0, 1]), output_type="latent", **kwargs).images
+
+
+def _reweighted(unet: UNet2DModel, seed: int = 1) -> UNet2DModel:
+    other = copy.deepcopy(unet)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return other
+
+
+def test_the_denoiser_is_kept_until_the_network_or_the_scheduler_config_changes(unet):
+    pipe = _pipe(unet)
+    first = _images(pipe)
+    kept = pipe.denoiser_of(pipe.unet, pipe.schedule)
+    assert torch.equal(_images(pipe), first) and pipe.denoiser_of(pipe.unet, pipe.schedule) is kept
+
+    other = _reweighted(unet)
+    pipe.unet = other  # a new network: its own output, as a pipeline built around it gives
+    assert torch.equal(_images(pipe), _images(_pipe(other))) and not torch.equal(_images(pipe), first)
+    pipe.register_modules(unet=unet)
+    assert torch.equal(_images(pipe), first)
+
+    # a new scheduler, then a config change on the same scheduler object: a new schedule, a new denoiser
+    pipe.scheduler = LCMScheduler.from_config(teacher_scheduler().config, prediction_type="sample")
+    fresh = StepDistillPipeline(unet=unet, scheduler=pipe.scheduler, null_class_label=10)
+    fresh.set_progress_bar_config(disable=True)
+    assert torch.equal(_images(pipe), _images(fresh)) and not torch.equal(_images(pipe), first)
+    pipe.scheduler.register_to_config(prediction_type=teacher_scheduler().config.prediction_type)
+    assert torch.equal(_images(pipe), first)
+
+
+def test_a_replaced_network_is_not_kept_alive(unet):
+    pipe = _pipe(copy.deepcopy(unet))
+    _images(pipe)
+    old = weakref.ref(pipe.unet)
+    pipe.unet = copy.deepcopy(unet)
+    gc.collect()
+    assert old() is None
+
+
+def test_the_compute_dtype_follows_the_network_between_calls(unet):
+    """The kept denoiser's compute dtype is pinned afresh on every call (a cast or a casting hook in between)."""
+    net = copy.deepcopy(unet)
+    pipe = _pipe(net)
+    _images(pipe)
+    net.to(torch.float64)
+    got = _images(pipe)
+    assert got.dtype == torch.float64 and torch.equal(got, _images(_pipe(net)))
+    net.to(torch.float32).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    got = _images(pipe)
+    assert pipe.denoiser_of(net, pipe.schedule).compute_dtype == torch.bfloat16
+    assert torch.equal(got, _images(_pipe(net)))
+
+
+def test_coefficients_of_a_number_are_computed_once_and_handed_out_as_copies(monkeypatch):
+    schedule = VPSchedule.from_config(dict(teacher_scheduler().config))
+    computed = []
+    original = VPSchedule._alpha_sigma
+    monkeypatch.setattr(VPSchedule, "_alpha_sigma", lambda self, t: computed.append(t) or original(self, t))
+    x = torch.randn(2, 1, 8, 8)
+    alpha, sigma = schedule.alpha_sigma(749)
+    for _ in range(3):
+        schedule.alpha_sigma(749.0)
+        schedule.add_noise(x, x, 749)
+        schedule.to_x0_eps(x, x, 749)
+    assert len(computed) == 1
+    tensor_alpha, tensor_sigma = schedule.alpha_sigma(torch.tensor(749.0))  # never cached: the same values
+    assert len(computed) == 2 and torch.equal(alpha, tensor_alpha) and torch.equal(sigma, tensor_sigma)
+    alpha.zero_()  # writing into what alpha_sigma handed out leaves the schedule's copy alone
+    assert torch.equal(schedule.alpha_sigma(749)[0], tensor_alpha)
+
+
+@pytest.mark.parametrize("t", [999, 749.5, 0])
+@pytest.mark.parametrize("family", ["vp", "flow"])
+def test_a_kept_level_gives_what_a_tensor_timestep_gives(family, t):
+    """The network timestep and the (x0, eps) conversion of a number, kept by the schedule, equal a tensor's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from stepdistill import NoiseSchedule
+
+    config = teacher_scheduler().config if family == "vp" else FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    schedule = NoiseSchedule.from_scheduler_config(dict(config))
+    t_vec = schedule.as_timesteps(t, batch_size=3)
+    for _ in range(2):  # computed, then kept
+        kept = schedule._network_timestep(float(t), 3)
+        want = schedule.model_timestep(t_vec)
+        assert kept.dtype == want.dtype and torch.equal(kept, want)
+        y, x = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+        for got, ref in zip(schedule._to_x0_eps(y, x, float(t), 3), schedule.to_x0_eps(y, x, t_vec)):
+            assert torch.equal(got, ref)
+
+
+def test_the_float64_table_is_built_once_per_device_and_dtype(monkeypatch):
+    schedule = VPSchedule.from_config(dict(teacher_scheduler().config))
+    builds = []
+    original = VPSchedule._build_table
+    monkeypatch.setattr(VPSchedule, "_build_table", lambda self, *a: builds.append(a) or original(self, *a))
+    t, x = torch.tensor([10.0, 500.5]), torch.randn(2, 1, 8, 8)
+    for _ in range(3):
+        schedule.alpha_sigma(t)
+        schedule.add_noise(x, x, t)
+        schedule.to_x0_eps(x, x, t)
+    assert builds == [(torch.float64, torch.device("cpu"))]
+    schedule.as_timesteps(t)  # and the values are the ones the table gives
+    abar = schedule.alphas_cumprod
+    assert torch.equal(schedule.alpha_sigma(torch.tensor([10.0]))[0], abar[10:11].sqrt())
+
+
+def test_a_denoiser_call_checks_its_timesteps_once(unet, monkeypatch):
+    """Numbers (what the samplers pass) are checked in Python; a tensor gets the tensor checks once per call."""
+    schedule = VPSchedule.from_config(dict(teacher_scheduler().config))
+    denoiser = Denoiser.from_model(unet, schedule)
+    checks, nan_checks = [], []
+    as_timesteps, isnan = schedule.as_timesteps, torch.isnan
+    monkeypatch.setattr(schedule, "as_timesteps", lambda *a, **k: checks.append(a) or as_timesteps(*a, **k))
+    monkeypatch.setattr(torch, "isnan", lambda t: nan_checks.append(t) or isnan(t))
+    x, cond = torch.randn(2, 1, 8, 8), Conditioning(class_labels=torch.tensor([3, 4]), null_class_label=10)
+    with torch.no_grad():
+        by_number = denoiser(x, 999, cond)
+        assert (len(checks), len(nan_checks)) == (0, 0)
+        by_tensor = denoiser(x, torch.tensor([999, 999]), cond)
+        assert (len(checks), len(nan_checks)) == (1, 1)
+        with pytest.raises(ValueError, match="out of range"):
+            denoiser(x, 1000, cond)
+    assert torch.equal(by_number.x0, by_tensor.x0) and torch.equal(by_number.eps, by_tensor.eps)
+    assert torch.equal(by_number.model_output, by_tensor.model_output)
+
+
+def test_finishing_a_call_reads_no_signature_and_still_resets_and_offloads(unet, monkeypatch):
+    net = copy.deepcopy(unet)
+    pipe = _pipe(net)
+    _images(pipe)  # the component names are read once per pipeline class
+    signature_reads, resets, frees = [], [], []
+    original = StepDistillPipeline._get_signature_keys.__func__
+    monkeypatch.setattr(StepDistillPipeline, "_get_signature_keys",
+                        classmethod(lambda cls, obj: signature_reads.append(obj) or original(cls, obj)))
+    monkeypatch.setattr(StepDistillPipeline, "maybe_free_model_hooks", lambda self: frees.append(self))
+    net._reset_stateful_cache = lambda: resets.append(net)  # a component with a stateful cache (diffusers' CacheMixin)
+    _images(pipe)
+    assert (signature_reads, len(resets), frees) == ([], 1, [])
+    pipe._all_hooks = [object()]  # what enable_model_cpu_offload leaves: diffusers' own method runs
+    _images(pipe)
+    assert frees == [pipe]
+
+
+def test_a_disabled_progress_bar_is_not_built(unet, monkeypatch):
+    pipe = _pipe(unet)
+    bars = []
+    original = StepDistillPipeline.progress_bar
+    monkeypatch.setattr(StepDistillPipeline, "progress_bar", lambda self, **k: bars.append(k) or original(self, **k))
+    first = _images(pipe)
+    assert bars == []
+    pipe.set_progress_bar_config(disable=False, file=open(os.devnull, "w"))  # noqa: SIM115
+    assert torch.equal(_images(pipe), first) and bars == [{"total": 1}]
+
+
+def test_the_plan_is_kept_until_the_timesteps_or_a_config_change(unet):
+    pipe = _pipe(unet)
+    first = _images(pipe, timesteps=[999, 499])
+    plans = pipe.__dict__["_stepdistill_plans"][1]
+    kept = next(iter(plans.values()))
+    assert torch.equal(_images(pipe, timesteps=[999, 499]), first) and next(iter(plans.values())) is kept
+    other = _images(pipe, timesteps=[999, 249])
+    assert not torch.equal(other, first) and len(plans) == 2
+
+    # the trained default timesteps live in the pipeline's config: changing them gives the new ones' images
+    pipe.register_to_config(default_timesteps=[999, 249])
+    assert torch.equal(_images(pipe), other)
+    pipe.register_to_config(default_timesteps=[999, 499])
+    assert torch.equal(_images(pipe), first)
+
+    # the scheduler's own spacing is never kept: set_timesteps runs, as diffusers' pipelines run it
+    pipe.register_to_config(default_timesteps=None)
+    for _ in range(2):
+        pipe.scheduler.timesteps = None
+        _images(pipe, num_inference_steps=2)
+        assert pipe.scheduler.timesteps is not None and len(pipe.scheduler.timesteps) == 2

@@ -29,10 +29,7 @@ from ..denoiser import (
     Denoiser,
     DenoiserOutput,
     _casting_dtype,
-    _model_device,
-    _parameter_dtype,
     diffusers_hook,
-    submodules,
 )
 from ..sampling import Generator, StepPlan, initial_noise, run_step_plan
 from ..schedules import NoiseSchedule
@@ -133,6 +130,43 @@ class StepDistillPipelineMixin:
         """``unet`` wrapped as a stepdistill :class:`~stepdistill.Denoiser`."""
         return Denoiser.from_model(self.unet, self.schedule)
 
+    def denoiser_of(
+        self, network: nn.Module, schedule: NoiseSchedule, attention_kwargs: dict[str, Any] | None = None
+    ) -> Denoiser:
+        """``Denoiser.from_model(network, schedule, attention_kwargs=...)``, kept between calls.
+
+        A wrapper is reused while it wraps this very ``network`` with this very ``schedule`` (both looked up by
+        identity on every call): replacing a component (``pipe.unet = ...``, ``register_modules``) or the scheduler's
+        config (a new schedule, :meth:`schedule_of`) makes a new one, and a replaced component's wrappers are dropped
+        at once (:meth:`__setattr__`), so they do not keep the old network alive. Calls with attention kwargs get a
+        new wrapper (the kwargs are the caller's, possibly changed between calls). The call pins the wrapper's
+        compute dtype afresh (:meth:`_device_of`).
+        """
+        if attention_kwargs:
+            return Denoiser.from_model(network, schedule, attention_kwargs=attention_kwargs)
+        cache = self.__dict__.setdefault("_stepdistill_denoisers", {})
+        key = (id(network), id(schedule))
+        denoiser = cache.get(key)
+        if denoiser is None or denoiser.model is not network or denoiser.schedule is not schedule:
+            if len(cache) >= 16:  # many scheduler configs over time: start over rather than keep old schedules
+                cache.clear()
+            denoiser = cache[key] = Denoiser.from_model(network, schedule)
+        return denoiser
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set an attribute; replacing a component drops the denoisers kept around the old one (:meth:`denoiser_of`).
+
+        diffusers' ``DiffusionPipeline.__setattr__`` (which ``register_modules`` and ``pipe.unet = ...`` go through)
+        hands on to this one with ``super()``.
+        """
+        cache = self.__dict__.get("_stepdistill_denoisers")
+        if cache:
+            old = self.__dict__.get(name)
+            if old is not None and old is not value:
+                for key in [k for k, d in cache.items() if d.model is old]:
+                    del cache[key]
+        super().__setattr__(name, value)
+
     @property
     def is_student(self) -> bool:
         """True when ``scheduler`` selects few-step student sampling (fresh re-noising between steps)."""
@@ -156,6 +190,13 @@ class StepDistillPipelineMixin:
             return int(config.num_embeds_ada_norm) + 1
         return None
 
+    def _component_names(self) -> tuple[str, ...]:
+        """The pipeline's component names, in ``__init__`` order (diffusers reads the signature on every access)."""
+        names = _SIGNATURE_KEYS.get(type(self))
+        if names is None:
+            names = _SIGNATURE_KEYS[type(self)] = tuple(self._get_signature_keys(self)[0])
+        return names
+
     def _device_of(self, denoiser: Denoiser) -> torch.device:
         """The device a call runs on (evaluated once per call): diffusers' ``_execution_device``, without its cost.
 
@@ -164,33 +205,26 @@ class StepDistillPipelineMixin:
         module trees finds whether any accelerate or group-offloading hook is present -- only then is
         ``_execution_device`` read (its answer is the hooks' execution device) -- and, on the same walk, the
         compute dtype of ``denoiser``'s network (diffusers' layerwise casting), which is pinned on ``denoiser`` for
-        the call (pipelines build their denoisers per call) so that its forward does not walk the network again.
-        Without hooks the answer is diffusers' ``device`` rule: the first component on an accelerator, else the
-        first component's device. Networks that are not diffusers models (diffusers' lookup reads
-        ``module.device``, which only its own models have) give their own device.
+        the call, so that its forward does not walk the network again. The walk runs on every call (hooks and
+        casting can be added to any submodule between calls; nothing signals it), and so does the pinning (the
+        pipeline keeps its denoisers between calls). Without hooks the answer is diffusers' ``device`` rule: the
+        first component on an accelerator, else the first component's device. Networks that are not diffusers
+        models (diffusers' lookup reads ``module.device``, which only its own models have) give their own device.
         """
         if not isinstance(denoiser.model, ModelMixin):
             return denoiser.device
-        names = _SIGNATURE_KEYS.get(type(self))
-        if names is None:  # diffusers reads them from the __init__ signature on every access
-            names = _SIGNATURE_KEYS[type(self)] = tuple(self._get_signature_keys(self)[0])
-        modules = [m for m in (getattr(self, n, None) for n in names) if isinstance(m, nn.Module)]
-        hooked, casting = False, None
-        for component in modules:
-            network = component is denoiser.model and denoiser.compute_dtype is None
-            for module in submodules(component):
-                attributes = module.__dict__
-                if "_hf_hook" in attributes:
-                    hooked = True
-                elif "_diffusers_hook" in attributes:
-                    hooked = hooked or diffusers_hook(module, "group_offloading") is not None
-                    if network and casting is None:
-                        casting = _casting_dtype(module)
-            if network:
-                denoiser.compute_dtype = casting if casting is not None else _parameter_dtype(component)
-        if hooked:
+        modules = [m for m in (getattr(self, n, None) for n in self._component_names()) if isinstance(m, nn.Module)]
+        scans = [_scan(m) for m in modules]
+        network, compute_dtype = denoiser.model, None
+        for component, (_, casting, first) in zip(modules, scans):
+            if component is network:
+                parameter_dtype = first.dtype if first is not None else torch.float32
+                compute_dtype = casting if casting is not None else parameter_dtype
+                break
+        denoiser.compute_dtype = compute_dtype  # None (looked up per forward) for a network that is no component
+        if any(hooked for hooked, _, _ in scans):
             return self._execution_device
-        devices = [_model_device(m) for m in modules]
+        devices = [first.device if first is not None else torch.device("cpu") for _, _, first in scans]
         return next((d for d in devices if d.type not in ("cpu", "meta")), devices[0] if devices else denoiser.device)
 
     def _latent_shape(
@@ -237,6 +271,37 @@ class StepDistillPipelineMixin:
         self.scheduler.set_timesteps(num_inference_steps or default_steps)
         return schedule.validate_timesteps(self.scheduler.timesteps.tolist())
 
+    def _single_plan(
+        self,
+        num_inference_steps: int | None,
+        timesteps: Sequence[float] | None,
+        sampler: str,
+        guidance_scale: float | None,
+        default_steps: int,
+    ) -> StepPlan:
+        """``StepPlan.single("unet", ...)`` on :meth:`_resolve_timesteps`, kept between calls where it can be.
+
+        A plan from explicit ``timesteps`` or the trained ``default_timesteps`` depends only on the call's arguments,
+        the pipeline's config (``default_timesteps``) and the scheduler's config (its schedule checks the timesteps):
+        it is kept per arguments while both configs are the same objects (diffusers makes a new config object on
+        every ``register_to_config``, ``register_modules`` or component replacement). A plan from the scheduler's
+        own spacing is built on every call, as ``set_timesteps`` (whose state the scheduler keeps) runs then.
+        """
+        key = _plan_key(num_inference_steps, timesteps, sampler, guidance_scale, default_steps)
+        default = self.config.default_timesteps
+        if key is None or (timesteps is None and (default is None or num_inference_steps not in (None, len(default)))):
+            ts = self._resolve_timesteps(num_inference_steps, timesteps, default_steps)
+            return StepPlan.single("unet", ts, sampler, guidance_scale)
+        configs = (self.config, self.scheduler.config)
+        cached = self.__dict__.get("_stepdistill_plans")
+        if cached is None or cached[0][0] is not configs[0] or cached[0][1] is not configs[1] or len(cached[1]) >= 32:
+            cached = self.__dict__["_stepdistill_plans"] = (configs, {})
+        plan = cached[1].get(key)
+        if plan is None:
+            ts = self._resolve_timesteps(num_inference_steps, timesteps, default_steps)
+            plan = cached[1][key] = StepPlan.single("unet", ts, sampler, guidance_scale)
+        return plan
+
     # ------------------------------------------------------------------------------------------------
     # conditioning
     def encode_prompt(
@@ -277,8 +342,8 @@ class StepDistillPipelineMixin:
                     raise ValueError(f"Got {len(negative)} negative prompts for {batch} prompts.")
                 negative_prompt_embeds = self._encode_text(negative, device, max_length=prompt_embeds.shape[1])
         if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(n, dim=0)
-        return prompt_embeds.repeat_interleave(n, dim=0), negative_prompt_embeds
+            negative_prompt_embeds = _repeat(negative_prompt_embeds.to(device), n)
+        return _repeat(prompt_embeds, n), negative_prompt_embeds
 
     def _encode_text(self, prompts: list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
         """``text_encoder(ids)[0]`` of ``prompts`` padded to ``max_length`` (default: the tokenizer's)."""
@@ -514,7 +579,7 @@ class StepDistillPipelineMixin:
         # 2. Encode the conditioning of the whole batch (images of a condition adjacent) and, when guiding, its
         # unconditional twin: the null class, or the negative prompt's embeddings (zeros for pooled embeddings)
         n = num_images_per_prompt
-        rep = lambda v: None if v is None else v.to(device).repeat_interleave(n, dim=0)  # noqa: E731
+        rep = lambda v: None if v is None else _repeat(v.to(device), n)  # noqa: E731
         if class_labels is not None:
             cond = Conditioning(class_labels=rep(class_labels), null_class_label=self.config.null_class_label)
         elif prompt is None and prompt_embeds is None:
@@ -564,7 +629,7 @@ class StepDistillPipelineMixin:
 
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' convention
-        with self.progress_bar(total=plan.num_steps) as progress_bar:
+        with self._progress(plan.num_steps) as progress_bar:
 
             def on_step(i: int, t: float, out: DenoiserOutput, x: torch.Tensor) -> torch.Tensor | None:
                 replaced = None
@@ -578,14 +643,103 @@ class StepDistillPipelineMixin:
 
             return run_step_plan(plan, denoisers, latents, cond, generator, on_step)
 
+    def _progress(self, total: int) -> Any:
+        """Diffusers' ``progress_bar(total=...)``, or a bar that draws nothing when it is disabled.
+
+        ``set_progress_bar_config(disable=True)`` still makes diffusers build a ``tqdm`` object (through a
+        ``torch.compiler.disable`` wrapper) on every call; a disabled bar here is a plain object.
+        """
+        config = getattr(self, "_progress_bar_config", None)
+        if isinstance(config, dict) and config.get("disable") is True:
+            return _NoProgressBar()
+        return self.progress_bar(total=total)
+
+    def _free_model_hooks(self) -> None:
+        """Diffusers' ``maybe_free_model_hooks``, without its per-call signature inspection when nothing is offloaded.
+
+        diffusers resets the stateful caches of the components (``_reset_stateful_cache``), then, after
+        ``enable_model_cpu_offload``, offloads the models and re-installs the hooks. Its components come from an
+        ``inspect.signature`` of ``__init__`` on every call; here from the names read once per class. With model
+        offload hooks installed, diffusers' own method runs.
+        """
+        if getattr(self, "_all_hooks", None):
+            self.maybe_free_model_hooks()
+            return
+        for name in self._component_names():
+            component = getattr(self, name, None)
+            # the class's method or an instance attribute: what hasattr finds, without a failing __getattr__ each
+            if component is not None and (hasattr(type(component), "_reset_stateful_cache")
+                                          or "_reset_stateful_cache" in getattr(component, "__dict__", ())):
+                component._reset_stateful_cache()
+
     def _finish(self, x0: torch.Tensor, output_type: str) -> Any:
         """Section 5 of ``__call__``: decode and post-process the final x0, then offload the models."""
         images = x0 if output_type == "latent" else self.postprocess(self.decode_latents(x0), output_type=output_type)
-        self.maybe_free_model_hooks()
+        self._free_model_hooks()
         return images
 
 
+class _NoProgressBar:
+    """What a disabled progress bar does: nothing (a context manager with ``update``)."""
+
+    def __enter__(self) -> _NoProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        """Count nothing."""
+
+
 # ----------------------------------------------------------------------------------------------------
+def _scan(component: nn.Module) -> tuple[bool, torch.dtype | None, torch.Tensor | None]:
+    """What a call needs to know of ``component``, from one walk of its module tree.
+
+    Returns ``(hooked, casting, first)``: whether an accelerate or group-offloading hook sits anywhere in it; the
+    compute dtype of its first layerwise-casting hook in ``modules()`` order (``None`` without one); and its first
+    parameter in ``parameters()`` order (``None`` without one), whose dtype and device are the component's. An
+    explicit stack over ``_modules`` (pre-order, as :func:`~stepdistill.denoiser.submodules`), with the checks made
+    as each module is popped: no list of the modules, no generator per level, no second walk for the parameter.
+    """
+    hooked, casting, first = False, None, None
+    stack = [component]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        module = pop()
+        if module is None:  # a child registered as None
+            continue
+        attributes = module.__dict__
+        if "_hf_hook" in attributes:
+            hooked = True
+        elif "_diffusers_hook" in attributes:
+            hooked = hooked or diffusers_hook(module, "group_offloading") is not None
+            casting = _casting_dtype(module) if casting is None else casting
+        if first is None and attributes.get("_parameters"):
+            first = next((p for p in attributes["_parameters"].values() if p is not None), None)
+        children = attributes.get("_modules")
+        if children:
+            push(reversed(children.values()))
+    return hooked, casting, first
+
+
+def _repeat(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row ``n`` times, adjacent (``repeat_interleave``); ``x`` itself for ``n = 1`` (nothing writes into it)."""
+    return x if n == 1 else x.repeat_interleave(n, dim=0)
+
+
+def _plan_key(
+    num_inference_steps: Any, timesteps: Any, sampler: str, guidance_scale: float | None, default_steps: int
+) -> tuple | None:
+    """The arguments a one-network plan is built from, as a key; ``None`` for anything but plain numbers."""
+    plain = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if num_inference_steps is not None and not plain(num_inference_steps):
+        return None
+    if timesteps is not None and not (isinstance(timesteps, (list, tuple)) and all(plain(t) for t in timesteps)):
+        return None
+    return num_inference_steps, None if timesteps is None else tuple(timesteps), sampler, guidance_scale, default_steps
+
+
 def _check_count(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -593,8 +593,8 @@ class HybridDiversityPipeline(DiffusionPipeline, StepDistillPipelineMixin):
         # 0. Defaults and the plan
         plan = self.plan(mode, num_inference_steps, timesteps, base_steps, handover_timestep,
                          base_num_inference_steps, base_timesteps, handover, resume_timestep)  # fmt: skip
-        student = Denoiser.from_model(self.unet, self.schedule, attention_kwargs=cross_attention_kwargs)
-        base = Denoiser.from_model(self.base_unet, self.base_schedule, attention_kwargs=cross_attention_kwargs)
+        student = self.denoiser_of(self.unet, self.schedule, cross_attention_kwargs)
+        base = self.denoiser_of(self.base_unet, self.base_schedule, cross_attention_kwargs)
         if guidance_scale is None:
             guidance_scale = self.config.default_guidance_scale
         if base_guidance_scale is None:

@@ -228,7 +228,7 @@ class PhasedExpertsPipeline(DiffusionPipeline, StepDistillPipelineMixin):
         # 0. No guidance; one denoiser per expert on the shared schedule
         self._cross_attention_kwargs = None
         schedule = self.schedule
-        denoisers: Mapping[str, Denoiser] = {expert_component(k): Denoiser.from_model(net, schedule)
+        denoisers: Mapping[str, Denoiser] = {expert_component(k): self.denoiser_of(net, schedule)
                                              for k, net in enumerate(self.experts)}
         # 1-3. Check inputs, encode the conditioning, starting latents (the phase-0 expert sees them)
         cond, x_T = self._prepare_call(

@@ -27,7 +27,6 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..data.partition import PARTITION_JSON, ConditionPartition, PartitionError
-from ..denoiser import Denoiser
 from ..sampling import StepPlan
 from .mixin import StepDistillPipelineMixin, _plain_number
 
@@ -214,7 +213,7 @@ class RoutedStudentsPipeline(DiffusionPipeline, StepDistillPipelineMixin):
                                      "from_pretrained(folder) or call set_partition(...).")
             self.set_partition(ConditionPartition.load(folder))
         self._guidance_scale, self._do_classifier_free_guidance, self._cross_attention_kwargs = 1.0, False, None
-        dens = [Denoiser.from_model(net, self.schedule) for net in self.students]
+        dens = [self.denoiser_of(net, self.schedule) for net in self.students]
         ts = self._resolve_timesteps(None, timesteps, 1)
         plan = StepPlan.single("unet", ts, "renoise", None)
 

@@ -31,8 +31,6 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from torch import nn
 
-from ..denoiser import Denoiser
-from ..sampling import StepPlan
 from .mixin import (  # noqa: F401 (re-exported: the names' old home)
     OUTPUT_TYPES,
     STUDENT_SCHEDULERS,
@@ -206,11 +204,11 @@ class StepDistillPipeline(DiffusionPipeline, StepDistillPipelineMixin):
         self._guidance_scale = guidance_scale
         self._do_classifier_free_guidance = guidance_scale > 1.0
         self._cross_attention_kwargs = cross_attention_kwargs
-        denoiser = Denoiser.from_model(self.unet, self.schedule, attention_kwargs=cross_attention_kwargs)
+        denoiser = self.denoiser_of(self.unet, self.schedule, cross_attention_kwargs)
         student = self.is_student
-        ts = self._resolve_timesteps(num_inference_steps, timesteps, 1 if student else DEFAULT_TEACHER_STEPS)
-        plan = StepPlan.single("unet", ts, "renoise" if student else "ode",
-                               guidance_scale if self.do_classifier_free_guidance else None)  # fmt: skip
+        plan = self._single_plan(num_inference_steps, timesteps, "renoise" if student else "ode",
+                                 guidance_scale if self.do_classifier_free_guidance else None,
+                                 1 if student else DEFAULT_TEACHER_STEPS)  # fmt: skip
 
         # 1-3. Check inputs, encode the conditioning, starting latents
         cond, x_T = self._prepare_call(
