@@ -108,7 +108,7 @@ def test_train_teacher_script_writes_both_networks(tmp_path, monkeypatch):
 
 
 def test_training_scripts_are_thin_wrappers():
-    for script in ("train_dmd.py", "generate_pairs.py", "train_teacher.py"):
+    for script in ("train_dmd.py", "generate_pairs.py", "train_teacher.py", "train_text_teacher.py"):
         text = (ROOT / "training_scripts" / script).read_text()
         assert len(text.splitlines()) <= 35 and "from stepdistill.commands." in text
 
