@@ -152,6 +152,14 @@ def test_cli_writes_a_stock_pipeline_folder(tmp_path):
     assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["text_encoder"][1] == "CLIPTextModel"
     meta = json.loads((folder / "stepdistill_teacher.json").read_text())
+    from transformers import CLIPTokenizer
+
+    fast = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    (folder / "tokenizer" / "tokenizer.json").rename(tmp_path / "tokenizer.json")  # the classic files alone
+    classic = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    (tmp_path / "tokenizer.json").rename(folder / "tokenizer" / "tokenizer.json")
+    for caption in ("a handwritten seven", "number 3, written thin", ""):
+        assert classic(caption).input_ids == fast(caption).input_ids
     assert meta["config"]["max_train_steps"] == 2 and meta["vae"]["scaling_factor"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert pipe.vae.config.scaling_factor == meta["vae"]["scaling_factor"]

@@ -207,6 +207,19 @@ def write_digits_tokenizer(folder: str | Path, templates: Iterable[str] = TRAIN_
     return tok
 
 
+def write_bpe_files(tokenizer, folder: str | Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` of a (tokenizers-backed) CLIP tokenizer into ``folder``.
+
+    ``save_pretrained`` of recent transformers writes only ``tokenizer.json``; the two classic files let
+    transformers versions that read them (the slow ``CLIPTokenizer``) load the same tokenizer.
+    """
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    folder = Path(folder)
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+
+
 __all__ = [
     "HELDOUT_TEMPLATES",
     "NUMBER_WORDS",
@@ -220,5 +233,6 @@ __all__ = [
     "make_caption",
     "random_captions",
     "vocabulary",
+    "write_bpe_files",
     "write_digits_tokenizer",
 ]

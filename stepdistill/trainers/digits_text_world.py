@@ -39,6 +39,7 @@ from ..data.digits_text import (
     TOKENIZER_MAX_LENGTH,
     TRAIN_TEMPLATES,
     random_captions,
+    write_bpe_files,
     write_digits_tokenizer,
 )
 from ..schedules import NoiseSchedule
@@ -253,6 +254,7 @@ def save_text_teacher(parts: dict, out_dir: str | Path, metadata: dict) -> Path:
     """Write the text teacher as a stock ``StableDiffusionPipeline`` folder plus ``stepdistill_teacher.json``."""
     out = Path(out_dir)
     text_pipeline(parts).save_pretrained(out)
+    write_bpe_files(parts["tokenizer"], out / "tokenizer")
     (out / "stepdistill_teacher.json").write_text(json.dumps(metadata, indent=2) + "\n")
     return out
 
