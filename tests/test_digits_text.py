@@ -198,3 +198,30 @@ def test_shipped_text_teacher_loads_with_stock_diffusers_in_a_clean_process():
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["shape"] == [2, 8, 8, 1] and info["scale"] == 1 and 0.0 <= info["min"] <= info["max"] <= 1.0
+
+
+def test_bench_digits_text_mode_smoke(tokenizer, tmp_path):
+    """``bench_digits.py --text``: stock pipelines prompted with held-out-mix captions, a teacher and a student row."""
+    import importlib.util
+
+    from diffusers import LCMScheduler
+
+    from stepdistill.data.digits_models import teacher_scheduler
+
+    vae, text, unet = tiny_text_parts(tokenizer)
+    for name, scheduler in (("teacher", teacher_scheduler()), ("student", LCMScheduler.from_config(
+            teacher_scheduler().config))):
+        StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(tmp_path / name)
+    spec = importlib.util.spec_from_file_location("bench_digits", ROOT / "eval" / "bench_digits.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    payload = bench.main(["--text", "--teacher", str(tmp_path / "teacher"), "--num_samples", "170", "--bootstrap",
+                          "10", "--steps", "1", "--reference_steps", "2", "--batch_size", "85", "--templates",
+                          "heldout", "--student", f"tiny={tmp_path / 'student'}:999"])
+    rows = {r["name"]: r for r in payload["rows"]}
+    assert list(rows) == ["real (train split)", "teacher, 1 step", "teacher, 2 steps", "tiny"]
+    assert rows["teacher, 1 step"]["nfe"] == 1 and rows["teacher, 2 steps"]["nfe"] == 2 and rows["tiny"]["nfe"] == 1
+    assert all(0.0 <= rows[n]["class_accuracy"] <= 1.0 for n in rows)
+    assert "held-out templates" in payload["protocol"]["labels"] or "heldout" in payload["protocol"]["labels"]
