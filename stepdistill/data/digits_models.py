@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -30,7 +31,9 @@ from diffusers import (
 )
 from diffusers.configuration_utils import register_to_config
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel
 
 from .digits import NULL_CLASS, NUM_CLASSES, RESOLUTION
 
@@ -124,6 +127,8 @@ def digits_vae(**overrides) -> AutoencoderKL:
 
 def digits_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, **overrides) -> CLIPTextModel:
     """A fresh tiny ``CLIPTextModel`` (hidden 64, 3 layers, 16 positions) for the digits tokenizer's ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     config = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         max_position_embeddings=16, projection_dim=64, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
