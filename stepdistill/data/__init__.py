@@ -4,7 +4,8 @@
 * :mod:`.sources` -- :class:`ConditionSource` and its kinds (digits, labels, prompts, datasets), with subsets;
 * :mod:`.prompts` -- prompt files and the teacher-pipeline :class:`PromptEncoder`;
 * :mod:`.datasets` -- :func:`open_dataset`, shared with the evaluation command;
-* :mod:`.digits` / :mod:`.digits_models` -- the embedded digits world.
+* :mod:`.digits` / :mod:`.digits_models` -- the embedded digits world;
+* :mod:`.digits_text` -- the text-conditioned digits world's captions and generated CLIP tokenizer.
 """
 
 from .config import DATA_SOURCES, DataConfig
