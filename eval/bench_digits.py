@@ -31,7 +31,6 @@ held-out split (400 images no network trained on) in the digits classifier's 64-
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import sys
@@ -57,30 +56,28 @@ from stepdistill.evaluation.uncertainty import (
     compare_independent,
     compare_paired,
 )
-from stepdistill.loading import load_denoiser
+from stepdistill.loading import load_denoiser, model_folder, teacher_guidance_scale
 from stepdistill.sampling import initial_noise, make_generators, sample_teacher
 
 FIDELITY_SEED = 1_000_000
 FLOOR_NAME = "real (train split)"
 
 
-def parse_student(text: str) -> tuple[str, str, list[int] | None]:
-    """``NAME=PATH[:t1,t2,...]`` -> ``(name, path, timesteps or None)``."""
+def parse_student(text: str) -> tuple[str, str, list[float] | None]:
+    """``NAME=PATH[:t1,t2,...]`` -> ``(name, path, timesteps or None)``; timesteps may be floats (flow: sigma * T)."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise argparse.ArgumentTypeError(f"--student expects NAME=PATH[:timesteps], got {text!r}.")
-    match = re.fullmatch(r"(.*):(\d+(?:,\d+)*)", rest)
+    match = re.fullmatch(r"(.*):(\d+(?:\.\d*)?(?:,\d+(?:\.\d*)?)*)", rest)
     if match:
-        return name, match.group(1), [int(t) for t in match.group(2).split(",")]
+        return name, match.group(1), [float(t) for t in match.group(2).split(",")]
     return name, rest, None
 
 
 def default_guidance_scale(teacher: Path) -> float:
     """``guidance_scale`` from ``<teacher>/stepdistill_teacher.json`` when present, else 1.0."""
-    meta = Path(teacher) / "stepdistill_teacher.json"
-    if meta.is_file():
-        return float(json.loads(meta.read_text()).get("guidance_scale", 1.0))
-    return 1.0
+    guidance = teacher_guidance_scale(teacher)
+    return 1.0 if guidance is None else guidance
 
 
 class CallCounter:
@@ -144,7 +141,7 @@ def teacher_row_name(steps: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the markdown tables, write JSON (and markdown); returns the JSON payload."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default=None, help="Teacher folder (default: the shipped digits teacher).")
+    p.add_argument("--teacher", default=None, help="Teacher folder or alias: digits, digits-flow (default: digits).")
     p.add_argument("--classifier", default=None, help="Feature classifier folder (default: the shipped one).")
     p.add_argument("--guidance_scale", type=float, default=None, help="Teacher CFG (default: from the teacher's json).")
     p.add_argument("--student", action="append", type=parse_student, default=[], help="NAME=PATH[:timesteps].")
@@ -172,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps = [int(s) for s in args.steps.split(",")]
     if args.reference_steps not in steps:
         steps.append(args.reference_steps)
-    teacher_dir = Path(args.teacher) if args.teacher else (text_teacher_path() if args.text else teacher_path())
+    default_teacher = text_teacher_path() if args.text else teacher_path()
+    teacher_dir = model_folder(args.teacher) if args.teacher else default_teacher  # folder or digits / digits-flow
     guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(teacher_dir)
     names = [name for name, _, _ in args.student]
     if args.baseline is not None and args.baseline not in names + [teacher_row_name(s) for s in steps]:
@@ -220,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run
 
-    def student_sampler(pipe, timesteps: list[int] | None) -> Callable[[list[int]], np.ndarray]:
+    def student_sampler(pipe, timesteps: list[float] | None) -> Callable[[list[int]], np.ndarray]:
         def run(seeds: list[int]) -> np.ndarray:
             if args.text:
                 return text_sampler(pipe, seeds, args.student_guidance_scale, timesteps=timesteps)

@@ -1,11 +1,14 @@
-"""Check the shipped digits world against its targets: classifier and teacher accuracy.
+"""Check the digits world against its targets: classifier and teacher accuracy.
 
     python eval/check_digits_world.py [--num_samples 400] [--steps 50]
+    python eval/check_digits_world.py --teacher_kind flow                      # the shipped flow teacher
+    python eval/check_digits_world.py --teacher runs/flow_world/teacher_flow   # any teacher folder
     python eval/check_digits_world.py --text [--teacher PATH] [--guidance_scale 2]   # the text-conditioned teacher
 
 * classifier: top-1 accuracy on the held-out split (target >= 0.97);
 * teacher: the classifier's accuracy on teacher samples for the requested labels (held-out class mix,
-  per-sample seeds 0..N-1, the teacher's default guidance scale), target >= 0.95.
+  per-sample seeds 0..N-1, the guidance scale of the teacher's own ``stepdistill_teacher.json``, its own
+  scheduler's timesteps), target >= 0.95.
 * ``--text``: the text teacher (a stock ``StableDiffusionPipeline`` folder, sampled by diffusers itself):
   *prompt fidelity* = the classifier agrees with the digit the prompt names, on captions from the training
   templates and from the held-out templates (held-out class mix, template ``k % T`` for sample ``k``, seeds
@@ -20,13 +23,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.data.digits import NULL_CLASS, class_labels_like_reference, load_digits_split
-from stepdistill.data.digits_models import DigitsClassifier, classifier_path, teacher_path, text_teacher_path
+from stepdistill.data.digits_models import (
+    TEACHER_KINDS,
+    DigitsClassifier,
+    classifier_path,
+    teacher_path,
+    text_teacher_path,
+)
 from stepdistill.data.digits_text import (
     HELDOUT_TEMPLATES,
     TRAIN_TEMPLATES,
@@ -35,33 +45,52 @@ from stepdistill.data.digits_text import (
     vocabulary,
 )
 from stepdistill.evaluation import load_pipeline, sample_pipeline
-from stepdistill.loading import load_denoiser
+from stepdistill.evaluation.stats import write_json
+from stepdistill.loading import load_denoiser, model_folder, teacher_guidance_scale
 from stepdistill.sampling import initial_noise, make_generators, sample_teacher
 
+CLASSIFIER_TARGET = 0.97
+TEACHER_TARGET = 0.95
 
-def main() -> int:
-    """Measure and print both accuracies; return 1 if a target is missed."""
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure both accuracies, print them as JSON and PASS / FAIL; return the report (``report["pass"]``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--teacher_kind", choices=TEACHER_KINDS, default=None,
+                       help="A shipped teacher: vp (default) or flow.")
+    which.add_argument("--teacher", default=None, help="A teacher folder (or alias: digits, digits-flow).")
+    parser.add_argument("--classifier", default=None, help="Feature classifier folder (default: the shipped one).")
     parser.add_argument("--num_samples", type=int, default=400)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--text", action="store_true", help="Check the text-conditioned teacher instead.")
-    parser.add_argument("--teacher", default=None, help="Text teacher folder (default: the shipped one).")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the teacher's own.")
-    args = parser.parse_args()
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Text teacher: default its own.")
+    parser.add_argument("--out", default=None, help="Also write the report as JSON here.")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.text:
-        return check_text_world(args.teacher or text_teacher_path(), args.num_samples, args.steps, args.guidance_scale)
+        if args.teacher_kind is not None:
+            parser.error("--text checks the text teacher; drop --teacher_kind (or pass --teacher FOLDER).")
+        report = check_text_world(model_folder(args.teacher) if args.teacher else text_teacher_path(),
+                                  args.num_samples, args.steps, args.guidance_scale)
+        if args.out:
+            write_json(Path(args.out), report)
+        return report
+    folder = model_folder(args.teacher) if args.teacher else teacher_path(args.teacher_kind or "vp")
+    if not (folder / "model_index.json").is_file():
+        parser.error(f"--teacher {str(folder)!r} is not a teacher folder (no model_index.json): pass a folder "
+                     "written by `stepdistill train-teacher`, or --teacher_kind vp|flow for a shipped one.")
 
-    clf = DigitsClassifier.from_pretrained(classifier_path()).eval()
+    clf = DigitsClassifier.from_pretrained(args.classifier or classifier_path()).eval()
     held = load_digits_split("heldout")
     with torch.no_grad():
         clf_acc = float((clf(held.images).argmax(-1) == held.labels).float().mean())
 
-    teacher = load_denoiser(teacher_path())
-    meta = json.loads((teacher_path() / "stepdistill_teacher.json").read_text())
-    w = float(meta.get("guidance_scale", 1.0))
+    teacher = load_denoiser(folder)
+    guidance = teacher_guidance_scale(folder)
+    w = 1.0 if guidance is None else guidance
     labels = class_labels_like_reference(args.num_samples)
     noise = initial_noise((len(labels), 1, 8, 8), make_generators(range(len(labels))))
     cond = Conditioning(class_labels=labels, null_class_label=NULL_CLASS)
@@ -69,16 +98,21 @@ def main() -> int:
     with torch.no_grad():
         teacher_acc = float((clf(x.clamp(-1, 1)).argmax(-1) == labels).float().mean())
 
+    ok = clf_acc >= CLASSIFIER_TARGET and teacher_acc >= TEACHER_TARGET
     report = {
-        "classifier_heldout_accuracy": {"value": clf_acc, "target": 0.97, "n": len(held)},
+        "classifier_heldout_accuracy": {"value": clf_acc, "target": CLASSIFIER_TARGET, "n": len(held)},
         "teacher_sample_class_accuracy": {
-            "value": teacher_acc, "target": 0.95, "n": len(labels), "steps": args.steps, "guidance_scale": w,
+            "value": teacher_acc, "target": TEACHER_TARGET, "n": len(labels), "steps": args.steps,
+            "guidance_scale": w, "teacher": str(folder), "schedule": teacher.schedule.family,
+            "prediction_type": teacher.schedule.prediction_type,
         },
+        "pass": ok,
     }
     print(json.dumps(report, indent=2))
-    ok = clf_acc >= 0.97 and teacher_acc >= 0.95
     print("PASS" if ok else "FAIL: a digits-world target is missed")
-    return 0 if ok else 1
+    if args.out:
+        write_json(Path(args.out), report)
+    return report
 
 
 def uint8_to_unit(images: np.ndarray) -> torch.Tensor:
@@ -98,8 +132,8 @@ def prompt_fidelity(pipe, clf: DigitsClassifier, templates, num_samples: int, st
     return (clf(uint8_to_unit(images)).argmax(-1) == labels).numpy(), captions
 
 
-def check_text_world(folder, num_samples: int, steps: int, guidance_scale: float | None) -> int:
-    """Prompt fidelity on training and held-out templates, VAE reconstruction, folder size; 1 if a target is missed."""
+def check_text_world(folder, num_samples: int, steps: int, guidance_scale: float | None) -> dict[str, Any]:
+    """Prompt fidelity on training and held-out templates, VAE reconstruction, folder size (``report["pass"]``)."""
     from stepdistill.trainers.digits_text_world import folder_megabytes, reconstruction_report
 
     pipe = load_pipeline(folder)
@@ -121,10 +155,11 @@ def check_text_world(folder, num_samples: int, steps: int, guidance_scale: float
     size = folder_megabytes(folder)
     report["folder_megabytes"] = {"value": size, "target": 10.0}
     ok &= size <= 10.0
+    report["pass"] = bool(ok)
     print(json.dumps(report, indent=2))
     print("PASS" if ok else "FAIL: a text digits-world target is missed")
-    return 0 if ok else 1
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if main()["pass"] else 1)

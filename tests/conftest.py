@@ -15,9 +15,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory) -> Path:
-    """A random 1-channel 8x8 class-conditional v-prediction teacher folder (digits shapes, tiny widths)."""
+def _tiny_teacher(folder: Path, kind: str) -> Path:
+    """A random 1-channel 8x8 class-conditional teacher folder of ``kind`` (digits shapes, tiny widths)."""
     from stepdistill.data.digits_models import teacher_unet
     from stepdistill.trainers.digits_world import save_teacher
 
@@ -30,4 +29,16 @@ def tiny_teacher(tmp_path_factory) -> Path:
         for p in unet.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.05)
-    return save_teacher(unet, tmp_path_factory.mktemp("teacher") / "teacher", {"guidance_scale": 2.0})
+    return save_teacher(unet, folder, {"guidance_scale": 2.0}, kind=kind)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A random 1-channel 8x8 class-conditional v-prediction teacher folder (digits shapes, tiny widths)."""
+    return _tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher", "vp")
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_teacher(tmp_path_factory) -> Path:
+    """The same network as ``tiny_teacher`` as a rectified-flow teacher (``FlowMatchEulerDiscreteScheduler``)."""
+    return _tiny_teacher(tmp_path_factory.mktemp("teacher_flow") / "teacher_flow", "flow")

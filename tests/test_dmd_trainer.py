@@ -15,6 +15,8 @@ from stepdistill.configs import parse_config
 from stepdistill.denoiser import CallableDenoiser
 from stepdistill.loading import ModelFolderError, load_denoiser
 from stepdistill.losses import compute_distribution_matching_loss, distribution_matching_gradient
+from stepdistill.pipelines import StepDistillPipeline
+from stepdistill.sampling import make_generators
 from stepdistill.trainers.base import NonFiniteLossError, list_checkpoints
 from stepdistill.trainers.dmd import DMDConfig, DMDTrainer
 
@@ -89,6 +91,26 @@ def test_dmd1_regression_on_teacher_pairs(tiny_teacher, tmp_path):
     assert torch.isfinite(torch.tensor([metrics["loss/regression"], metrics["loss/dm"]])).all()
     after = dict(trainer.unwrap("generator").named_parameters())
     assert all(not torch.equal(v, after[k].detach()) for k, v in gen0.items())
+
+
+def test_dmd2_four_steps_on_a_flow_teacher_exports_a_flow_student(tiny_flow_teacher, tmp_path):
+    """The flow recipes' path: sigma * 1000 timesteps from pure noise (t = 1000, alpha = 0), backward simulation."""
+    cfg = _config(tiny_flow_teacher, tmp_path / "flow", max_train_steps=3, student_timesteps=[1000, 750, 500, 250])
+    trainer = DMDTrainer(cfg)
+    assert trainer.schedule.family == "flow" and trainer.guidance_scale == 2.0  # from the teacher's json
+    gen0 = _params(trainer.unwrap("generator"))
+    metrics = trainer.train()["final_metrics"]
+    assert torch.isfinite(torch.tensor([metrics["loss/dm"], metrics["loss/fake_score"]])).all()
+    after = dict(trainer.unwrap("generator").named_parameters())
+    assert any(not torch.equal(v, after[k].detach()) for k, v in gen0.items())
+    folder = tmp_path / "flow" / "student"
+    scheduler_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_cfg["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    labels = torch.tensor([1, 2, 3])
+    ref = trainer.sample_student_images(Conditioning(class_labels=labels, null_class_label=10), [0, 1, 2])
+    pipe = StepDistillPipeline.from_pretrained(folder)
+    got = pipe(class_labels=labels, generator=make_generators([0, 1, 2]), output_type="latent").images
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_dm_gradient_matches_hand_computed_value():

@@ -1,4 +1,5 @@
-"""The ``stepdistill-eval`` command (``ref`` / ``calc``), ``eval/fid.py`` and ``eval/bench_digits.py``.
+"""The ``stepdistill-eval`` command (``ref`` / ``calc``), ``eval/fid.py``, ``eval/bench_digits.py`` and
+``eval/check_digits_world.py``.
 
 Runs in-process on tiny random models (a random digits classifier as the extractor, tiny StepDistillPipeline
 and stock DDPMPipeline folders), except one ``accelerate launch`` run with two CPU processes.
@@ -340,7 +341,27 @@ def test_bench_digits_smoke(world, tmp_path, capsys):
     assert protocol["num_samples"] == 170 and "--out" not in protocol["command"]
     assert bench.parse_student("a=/x/y:999,499") == ("a", "/x/y", [999, 499])
     assert bench.parse_student("b=C:/dir") == ("b", "C:/dir", None)
+    assert bench.parse_student("c=/f:1000,667.5,334") == ("c", "/f", [1000.0, 667.5, 334.0])  # flow: sigma * T
 
+
+
+def test_check_digits_world_checks_the_teacher_it_is_given(world, tiny_flow_teacher, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("check_digits_world", REPO / "eval" / "check_digits_world.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    common = ["--classifier", str(world / "clf"), "--num_samples", "20", "--steps", "2"]
+    report = check.main(["--teacher", str(tiny_flow_teacher), *common, "--out", str(tmp_path / "r.json")])
+    row = report["teacher_sample_class_accuracy"]
+    # the flow folder's own json guidance (2.0) and scheduler; a random teacher misses the target
+    assert row["teacher"] == str(tiny_flow_teacher) and row["guidance_scale"] == 2.0 and row["schedule"] == "flow"
+    assert row["prediction_type"] == "flow" and row["n"] == 20 and report["pass"] is False
+    assert json.loads((tmp_path / "r.json").read_text()) == report and "FAIL" in capsys.readouterr().out
+    for argv, needle in ((["--teacher", str(tmp_path)], "not a teacher folder"),
+                         (["--teacher", str(tiny_flow_teacher), "--teacher_kind", "vp"], "not allowed with"),
+                         (["--teacher_kind", "edm"], "invalid choice")):
+        with pytest.raises(SystemExit) as exc:
+            check.main([*argv, *common])
+        assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 def _free_port() -> int:
     with socket.socket() as sock:

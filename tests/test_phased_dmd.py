@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import launch_two_processes
 
 from stepdistill import Conditioning
 from stepdistill.commands.train import main as train_main
+from stepdistill.configs import parse_config
 from stepdistill.pipelines import PhasedExpertsPipeline
 from stepdistill.sampling import StepPlan, make_generators, run_step_plan
 from stepdistill.trainers.base import list_checkpoints
+from stepdistill.trainers.dmd import DMDConfig
 from stepdistill.trainers.phased_dmd import PhasedDMDConfig, PhasedDMDTrainer, split_phases
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TIMESTEPS = [999.0, 666.0, 333.0]
 
@@ -83,10 +89,12 @@ def test_expert_changes_only_in_its_phase(tiny_teacher, tmp_path):
     assert any(not torch.equal(v, a1[k]) for k, v in b1.items()), "expert_1 did not train in phase 1"
 
 
+@pytest.mark.parametrize("kind", ["vp", "flow"])
 @pytest.mark.parametrize("truncation", [False, True], ids=["full-phase", "truncated"])
-def test_intermediate_phase_ends_at_its_boundary_never_at_x0(tiny_teacher, tmp_path, truncation):
+def test_intermediate_phase_ends_at_its_boundary_never_at_x0(request, tmp_path, truncation, kind):
+    teacher = request.getfixturevalue("tiny_teacher" if kind == "vp" else "tiny_flow_teacher")
     phases = [[999.0, 800.0], [600.0, 400.0], [200.0]]
-    cfg = _config(tiny_teacher, tmp_path / "run", student_timesteps=[t for p in phases for t in p],
+    cfg = _config(teacher, tmp_path / "run", student_timesteps=[t for p in phases for t in p],
                   phase_boundaries=[600.0, 200.0], max_train_steps=3, phase_steps=[1, 1, 1], truncation=truncation)
     trainer = PhasedDMDTrainer(cfg)
     assert trainer.phases == phases
@@ -175,15 +183,29 @@ def test_bad_recipe_through_the_command_is_one_line(tiny_teacher, tmp_path, caps
     assert len(err) == 1 and "not one of student_timesteps" in err[0]
 
 
-def test_shipped_recipe_parses():
-    from pathlib import Path
-
-    from stepdistill.configs import parse_config
-
-    root = Path(__file__).resolve().parents[1]
-    for recipe in sorted((root / "recipes").glob("*phased*.yaml")):
+def test_shipped_recipes_parse_into_two_phases_of_two_steps():
+    recipes = sorted((ROOT / "recipes").glob("*phased*.yaml"))
+    assert {r.stem for r in recipes} >= {"digits_phased_dmd_4step", "digits_flow_phased_dmd_4step"}
+    for recipe in recipes:
         cfg = parse_config(PhasedDMDConfig, ["--config", str(recipe)])
-        assert cfg.phases == [[999.0, 749.0], [499.0, 249.0]] and sum(cfg.phase_steps) == cfg.max_train_steps
+        ts = cfg.student_timesteps
+        assert cfg.phases == [ts[:2], ts[2:]] and sum(cfg.phase_steps) == cfg.max_train_steps, recipe.name
+
+
+@pytest.mark.parametrize("method", ["phased_dmd", "dmd2"])
+def test_flow_recipes_match_their_vp_twins_but_for_teacher_and_timesteps(method):
+    """Same batch, learning rates, TTUR, EMA, iterations and phase split: the flow rows spend the VP rows' compute."""
+    cls = PhasedDMDConfig if method == "phased_dmd" else DMDConfig
+    vp = parse_config(cls, ["--config", str(ROOT / "recipes" / f"digits_{method}_4step.yaml")])
+    flow = parse_config(cls, ["--config", str(ROOT / "recipes" / f"digits_flow_{method}_4step.yaml")])
+    differ = {"teacher", "output_dir", "student_timesteps", "phase_boundaries"}
+    assert flow.teacher == "digits-flow" and flow.student_timesteps == [1000.0, 750.0, 500.0, 250.0]
+    for name, value in vars(vp).items():
+        if name not in differ:
+            assert getattr(flow, name) == value, name
+    assert len(flow.student_timesteps) == len(vp.student_timesteps)
+    if method == "phased_dmd":
+        assert [len(p) for p in flow.phases] == [len(p) for p in vp.phases] and flow.phase_boundaries == [500.0]
 
 
 def test_split_phases():
@@ -249,3 +271,40 @@ def test_pipeline_folder_that_disagrees_with_its_manifest_is_refused(exported, t
     (bad / "phased_experts.json").unlink()
     with pytest.raises(ValueError, match="no phased_experts.json"):
         PhasedExpertsPipeline.from_pretrained(bad)
+
+
+def test_flow_teacher_phases_train_and_export_a_flow_pipeline(tiny_flow_teacher, tmp_path):
+    """Rectified flow end to end: t = 1000 (alpha = 0) start, Eq. 11 target, the exported experts' Euler steps."""
+    out = tmp_path / "flow"
+    trainer = PhasedDMDTrainer(_config(tiny_flow_teacher, out, export=True, student_timesteps=[1000.0, 500.0, 250.0],
+                                       phase_boundaries=[500.0]))
+    assert trainer.schedule.family == "flow"
+    e0, e1 = _state(trainer.unwrap("expert_0")), _state(trainer.unwrap("expert_1"))
+    metrics = trainer.train()["final_metrics"]
+    for key in ("loss/dm", "loss/fake_score"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
+    for name, before in (("expert_0", e0), ("expert_1", e1)):
+        assert any(not torch.equal(v, before[k]) for k, v in _state(trainer.unwrap(name)).items()), name
+    pipe = PhasedExpertsPipeline.from_pretrained(out / "student")
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.config.phases == [[1000.0], [500.0, 250.0]]
+    labels = torch.tensor([1, 2, 3])
+    ref = trainer.sample_student_images(Conditioning(class_labels=labels, null_class_label=10), [0, 1, 2])
+    got = pipe(class_labels=labels, generator=make_generators([0, 1, 2]), output_type="latent").images
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_accelerate_launch_two_processes_agree(tiny_flow_teacher, tmp_path):
+    out = tmp_path / "ddp"
+    launch_two_processes(ROOT / "training_scripts" / "train_phased_dmd.py", [
+        "--teacher", str(tiny_flow_teacher), "--output_dir", str(out), "--max_train_steps", "2",
+        "--phase_steps", "1", "1", "--student_timesteps", "1000", "500", "--phase_boundaries", "500",
+        "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lora_rank", "4",
+        "--critic_updates_per_generator_update", "1", "--lr_warmup_steps", "0", "--eval_num_samples", "0",
+        "--checkpointing_steps", "2", "--generator_learning_rate", "1e-3", "--critic_learning_rate", "1e-3",
+    ])
+    sums = json.loads((out / "train_summary.json").read_text())["param_checksums"]
+    assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], rel=0, abs=1e-9), sums
+    ckpt = list_checkpoints(out / "checkpoints")[-1]
+    assert (ckpt / "trainer_rng_1.pt").is_file() and json.loads((ckpt / "trainer_state.json").read_text())["phase"] == 1
+    assert json.loads((out / "student" / "phased_experts.json").read_text())["num_experts"] == 2
