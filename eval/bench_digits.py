@@ -19,6 +19,11 @@ held-out split (400 images no network trained on) in the digits classifier's 64-
 * fidelity: FID against the teacher's own samples at ``--reference_steps`` drawn with other noise
   (seeds ``1000000 + k``);
 * NFE: network evaluations per sample, counted by a hook (classifier-free guidance counts twice);
+* ``--text``: the text-conditioned digits world (default teacher: the shipped ``digits-text`` pipeline, sampled
+  by stock diffusers): sample k is prompted with a caption of the k-th held-out-mix digit, template
+  ``k % T`` of ``--templates`` (``train`` or ``heldout``); "class acc." is then the *prompt fidelity* (the
+  classifier agrees with the digit the prompt names); students are stock ``StableDiffusionPipeline`` folders
+  called with ``--student_guidance_scale`` (default 1: no CFG) and their timesteps;
 * ms/sample and speedup: wall-clock sampling time per sample in this run (a warm-up call first); speedup
   is relative to the teacher at ``--reference_steps``.
 """
@@ -39,7 +44,8 @@ import torch
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.data.digits import NULL_CLASS, class_labels_like_reference
-from stepdistill.data.digits_models import classifier_path, teacher_path
+from stepdistill.data.digits_models import classifier_path, teacher_path, text_teacher_path
+from stepdistill.data.digits_text import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, captions_like_reference
 from stepdistill.evaluation import DigitsClassifierFeatures, digits_features
 from stepdistill.evaluation.metrics import diversity, feature_statistics, frechet_distance
 from stepdistill.evaluation.sources import load_pipeline, sample_pipeline
@@ -152,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=500, help="Samples per sampler call.")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (timings depend on it).")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--text", action="store_true", help="The text-conditioned world (prompts instead of labels).")
+    p.add_argument("--templates", default="train", choices=("train", "heldout"), help="Caption templates (--text).")
+    p.add_argument("--student_guidance_scale", type=float, default=1.0, help="Student CFG with --text (1: none).")
     p.add_argument("--out", default=None, help="Write JSON here.")
     p.add_argument("--markdown", default=None, help="Also write the markdown tables here.")
     args = p.parse_args(argv)
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = [int(s) for s in args.steps.split(",")]
     if args.reference_steps not in steps:
         steps.append(args.reference_steps)
-    teacher_dir = Path(args.teacher) if args.teacher else teacher_path()
+    teacher_dir = Path(args.teacher) if args.teacher else (text_teacher_path() if args.text else teacher_path())
     guidance = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(teacher_dir)
     names = [name for name, _, _ in args.student]
     if args.baseline is not None and args.baseline not in names + [teacher_row_name(s) for s in steps]:
@@ -175,17 +184,32 @@ def main(argv: list[str] | None = None) -> dict:
     floor_feats, floor_labels = digits_features("train", extractor)
     mu_ref, sigma_ref = feature_statistics(ref_feats)
     labels = class_labels_like_reference(n, "heldout")
+    captions = None
+    if args.text:
+        templates = TRAIN_TEMPLATES if args.templates == "train" else HELDOUT_TEMPLATES
+        captions, labels = captions_like_reference(n, templates)
     labels_np = labels.numpy()
     seeds = list(range(n))
     plan = ResamplePlan.make(n, ref_feats.shape[1], args.bootstrap, args.bootstrap_seed)
     floor_plan = ResamplePlan.make(len(floor_feats), ref_feats.shape[1], args.bootstrap, args.bootstrap_seed + 1)
 
     # 2. Samplers: each maps a list of seeds to [-1, 1] images, with a counter of network rows
-    teacher = load_denoiser(teacher_dir, device=device)
-    teacher_counter = CallCounter(teacher.model)
+    if args.text:  # the stock StableDiffusionPipeline, prompted; image k gets captions[k]
+        teacher_pipe = load_pipeline(teacher_dir, device=device)
+        teacher_counter = CallCounter(teacher_pipe.unet)
+    else:
+        teacher = load_denoiser(teacher_dir, device=device)
+        teacher_counter = CallCounter(teacher.model)
 
-    def teacher_sampler(num_steps: int) -> Callable[[list[int]], torch.Tensor]:
-        def run(seeds: list[int]) -> torch.Tensor:
+    def text_sampler(pipe, seeds: list[int], guidance_scale: float, **kwargs) -> np.ndarray:
+        batches = sample_pipeline(pipe, seeds, prompts=captions[: len(seeds)], guidance_scale=guidance_scale,
+                                  batch_size=args.batch_size, **kwargs)  # fmt: skip
+        return np.concatenate([u8 for _, u8 in batches])
+
+    def teacher_sampler(num_steps: int) -> Callable[[list[int]], torch.Tensor | np.ndarray]:
+        def run(seeds: list[int]) -> torch.Tensor | np.ndarray:
+            if args.text:
+                return text_sampler(teacher_pipe, seeds, guidance, num_inference_steps=num_steps)
             out = []
             for i in range(0, len(seeds), args.batch_size):
                 chunk = seeds[i : i + args.batch_size]
@@ -198,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def student_sampler(pipe, timesteps: list[int] | None) -> Callable[[list[int]], np.ndarray]:
         def run(seeds: list[int]) -> np.ndarray:
+            if args.text:
+                return text_sampler(pipe, seeds, args.student_guidance_scale, timesteps=timesteps)
             batches = sample_pipeline(pipe, seeds, labels_np[: len(seeds)].tolist(), timesteps=timesteps,
                                       batch_size=args.batch_size)  # fmt: skip
             return np.concatenate([u8 for _, u8 in batches])
@@ -266,7 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
         "num_samples": n,
         "seeds": f"k for sample k (k = 0..{n - 1}), the same in every row",
         "fidelity_seeds": f"{FIDELITY_SEED} + k",
-        "labels": "held-out class mix (class_labels_like_reference)",
+        "labels": "held-out class mix (class_labels_like_reference)" if not args.text else
+                  f"prompts: captions of the held-out class mix, {args.templates} templates (captions_like_reference)",
+        "student_guidance_scale": args.student_guidance_scale if args.text else None,
         "reference": f"digits:heldout ({len(ref_feats)} images)",
         "floor": f"digits:train ({len(floor_feats)} images)",
         "extractor": extractor.describe(),

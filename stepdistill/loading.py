@@ -27,6 +27,8 @@ _MODEL_CLASSES = {
 MODEL_ALIASES = {
     "digits": "the digits teacher shipped in the package (stepdistill/assets/digits/teacher)",
     "digits-flow": "the rectified-flow digits teacher shipped in the package (stepdistill/assets/digits/teacher_flow)",
+    "digits-text": "the text-conditioned digits teacher shipped in the package, a stock StableDiffusionPipeline "
+                   "folder (stepdistill/assets/digits/text_teacher)",
 }
 
 
@@ -44,8 +46,10 @@ def model_folder(path: str | Path) -> Path:
         True
     """
     if str(path) in MODEL_ALIASES:
-        from .data.digits_models import teacher_path
+        from .data.digits_models import teacher_path, text_teacher_path
 
+        if str(path) == "digits-text":
+            return text_teacher_path()
         return teacher_path("vp" if str(path) == "digits" else "flow")
     return Path(path).expanduser()
 

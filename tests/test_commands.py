@@ -77,18 +77,20 @@ def test_pairs_and_train_teacher_user_errors(capsys):
     assert _fails(["pairs", "--teacher", "t"], capsys) == "stepdistill pairs: error: give --output PATH (or set " \
                                                           "regression_pairs in the recipe)."
     err = _fails(["train-teacher", "--only", "unet"], capsys)
-    assert err.startswith("stepdistill train-teacher: error: only must be one of ['classifier', 'teacher']")
+    assert err.startswith("stepdistill train-teacher: error: only must be one of "
+                          "['classifier', 'teacher', 'text_teacher']")
 
 
 def test_train_teacher_flags_route_by_prefix():
     """The old parser built flags with ``type(f.default)``: ``--only`` none, ``1e3`` for an int were refused."""
     from stepdistill.commands.teacher import parse_args
 
-    run, clf, teacher = parse_args(["--only", "none", "--report_to", "null", "--classifier_seed", "2",
-                                    "--teacher_seed", "5", "--teacher_max_train_steps", "1e3",
-                                    "--teacher_learning_rate", "5e-4"])  # fmt: skip
+    run, clf, teacher, text = parse_args(["--only", "none", "--report_to", "null", "--classifier_seed", "2",
+                                          "--teacher_seed", "5", "--teacher_max_train_steps", "1e3",
+                                          "--teacher_learning_rate", "5e-4", "--text_teacher_seed", "7"])  # fmt: skip
     assert run.only is None and run.report_to is None and run.output_dir == "runs/digits_world"
     assert clf.seed == 2 and teacher.seed == 5 and teacher.max_train_steps == 1000 and teacher.learning_rate == 5e-4
+    assert text.seed == 7 and text.max_train_steps == 5000
 
 
 def test_train_teacher_script_writes_both_networks(tmp_path, monkeypatch):
@@ -106,7 +108,7 @@ def test_train_teacher_script_writes_both_networks(tmp_path, monkeypatch):
 
 
 def test_training_scripts_are_thin_wrappers():
-    for script in ("train_dmd.py", "generate_pairs.py", "train_teacher.py"):
+    for script in ("train_dmd.py", "generate_pairs.py", "train_teacher.py", "train_text_teacher.py"):
         text = (ROOT / "training_scripts" / script).read_text()
         assert len(text.splitlines()) <= 35 and "from stepdistill.commands." in text
 

@@ -19,9 +19,18 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import ConfigMixin, DDIMScheduler, FlowMatchEulerDiscreteScheduler, ModelMixin, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    ConfigMixin,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    ModelMixin,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.configuration_utils import register_to_config
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from .digits import NULL_CLASS, NUM_CLASSES, RESOLUTION
 
@@ -50,6 +59,11 @@ def teacher_path(kind: str = "vp") -> Path:
         kind: ``vp`` (``assets/digits/teacher``) or ``flow`` (``assets/digits/teacher_flow``).
     """
     return assets_dir() / ("teacher" if check_teacher_kind(kind) == "vp" else "teacher_flow")
+
+
+def text_teacher_path() -> Path:
+    """Path of the shipped text-conditioned digits teacher (a stock ``StableDiffusionPipeline`` folder)."""
+    return assets_dir() / "text_teacher"
 
 
 def classifier_path() -> Path:
@@ -93,6 +107,45 @@ def teacher_unet(**overrides) -> UNet2DModel:
     )
     config.update(overrides)
     return UNet2DModel(**config)
+
+
+def digits_vae(**overrides) -> AutoencoderKL:
+    """A fresh tiny ``AutoencoderKL`` of the text digits world: 1-channel 8x8 pixels <-> 4-channel 8x8 latents.
+
+    One encoder / decoder block, so the VAE scale factor is 1 and the stock pipeline's 8x8 default holds.
+    """
+    config = dict(
+        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(32,), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=RESOLUTION,
+    )
+    config.update(overrides)
+    return AutoencoderKL(**config)
+
+
+def digits_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, **overrides) -> CLIPTextModel:
+    """A fresh tiny ``CLIPTextModel`` (hidden 64, 3 layers, 16 positions) for the digits tokenizer's ids."""
+    config = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=16, projection_dim=64, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+    config.update(overrides)
+    return CLIPTextModel(CLIPTextConfig(**config))
+
+
+def text_teacher_unet(cross_attention_dim: int = 64, **overrides) -> UNet2DConditionModel:
+    """A fresh text-conditioned digits teacher UNet on 4-channel 8x8 latents (SD1.5-shaped).
+
+    Cross-attention to the caption at 4x4 (down, mid and up blocks); the 8x8 level is convolutional (1.4 M
+    parameters; cross-attention at 8x8 too cost 20 % more time per step on CPU for the same width).
+    """
+    config = dict(
+        sample_size=RESOLUTION, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, norm_num_groups=16, attention_head_dim=4,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config)
 
 
 class DigitsClassifier(ModelMixin, ConfigMixin):
@@ -143,7 +196,11 @@ __all__ = [
     "DigitsClassifier",
     "assets_dir",
     "classifier_path",
+    "digits_text_encoder",
+    "digits_vae",
     "teacher_path",
+    "text_teacher_path",
+    "text_teacher_unet",
     "teacher_scheduler",
     "teacher_unet",
 ]
