@@ -114,6 +114,44 @@ def test_one_step_trains_exactly_the_personalization_parameters(world, tmp_path,
         assert all("lora_" in n for n, p in trainer.unwrap("student").named_parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("schedule", ["sequential", "student_token"])
+def test_baseline_schedules_train_only_their_parts(world, tmp_path, schedule):
+    """'sequential': teacher + token in the first half, then student + heads from the frozen teacher;
+    'student_token': only the token row moves (through the student), every network weight stays bitwise."""
+    trainer = EchoDistillTrainer(_config(world, tmp_path / "run", schedule=schedule, max_train_steps=2),
+                                 extractors=_extractors())
+    before = {name: _snapshot(trainer.unwrap(name)) for name in ("student", "discriminator")}
+    teacher_kv0 = _snapshot(trainer.teacher.kv)
+    token0 = trainer.new_token.weight.detach().clone()
+    tokens = []
+    original = trainer.teacher_update
+
+    def spy(step, noise, add):  # the token after each teacher step
+        original(step, noise, add)
+        tokens.append((step, trainer.new_token.weight.detach().clone()))
+    trainer.teacher_update = spy
+    summary = trainer.train()
+    assert all(np.isfinite(v) for v in summary["final_metrics"].values())
+    assert not torch.equal(trainer.new_token.weight, token0)
+    changed = {name: any(not torch.equal(v, trainer.unwrap(name).state_dict()[k]) for k, v in state.items())
+               for name, state in before.items()}
+    teacher_changed = any(not torch.equal(v, trainer.teacher.kv.state_dict()[k]) for k, v in teacher_kv0.items())
+    if schedule == "sequential":
+        assert [s for s, _ in tokens] == [0], tokens  # the teacher trains in the first half only
+        assert torch.equal(trainer.new_token.weight, tokens[0][1])  # and stays frozen in the second
+        assert teacher_changed and changed == {"student": True, "discriminator": True}
+    else:
+        assert [s for s, _ in tokens] == [0, 1]
+        assert not teacher_changed and changed == {"student": False, "discriminator": False}
+
+
+def test_schedule_is_validated():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        EchoDistillConfig(initializer_token="dog", schedule="both")
+    with pytest.raises(ValueError, match="The echo stage needs the joint schedule"):
+        EchoDistillConfig(initializer_token="dog", schedule="sequential", echo_loss_weight=1.0)
+
+
 FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys

@@ -1,9 +1,14 @@
-"""Concept images for personalization: reading a few images of a new concept, and their augmentation.
+"""Concept images for personalization: reading a few images of a new concept, their augmentation, digits concepts.
 
 :func:`load_concept_images` reads a folder of 3-5 images and checks them against the pixels the network works
 on; :class:`ConceptAugment` is Custom Diffusion's augmentation (Kumari et al., CVPR 2023), which EchoDistill keeps:
 a horizontal flip, and a random rescale -- shrunk onto a blank canvas (with a mask of the valid region for the
 denoising loss) or zoomed in and cropped.
+
+:data:`DIGIT_CONCEPTS` / :func:`write_digit_concept` make concepts the digits teachers never saw, deterministically
+from the digits scans: a strong slant (a horizontal shear) and a thick stroke (a grey-scale dilation). The training
+images are a few train-split scans of one digit; the held-out images are the same style on held-out-split scans of
+every digit (for a class-matched concept fidelity that no network trained on).
 """
 
 from __future__ import annotations
@@ -104,4 +109,84 @@ def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
                          antialias=True)[0].clamp(-1, 1).to(img.dtype)
 
 
-__all__ = ["ConceptAugment", "load_concept_images"]
+
+
+def shear_digits(images: torch.Tensor, shear: float) -> torch.Tensor:
+    """Slant ``[-1, 1]`` images ``[N, C, H, W]``: pixel ``(x, y)`` reads ``(x + shear * (y - centre), y)`` (bilinear).
+
+    A positive ``shear`` leans the tops of the strokes to the right; the background (-1) fills what enters the frame.
+    """
+    n, _, h, w = images.shape
+    theta = torch.tensor([[1.0, shear * h / w, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    ink = F.grid_sample((images.float() + 1) / 2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (ink * 2 - 1).clamp(-1, 1)
+
+
+def dilate_digits(images: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """Thicken the strokes of ``[-1, 1]`` images: ``passes`` grey-scale dilations with a horizontal 1x2 max filter.
+
+    (A 3x3 dilation fills most of an 8x8 digit; one-pixel-wider strokes keep the digit readable.)
+    """
+    x = images.float()
+    for _ in range(passes):
+        shifted = F.pad(x, (1, 0, 0, 0), value=-1.0)[..., :-1]  # one pixel to the right
+        x = torch.maximum(x, shifted)
+    return x
+
+
+#: The digits concepts: name -> (style function, the digit of the training images, a related vocabulary word).
+DIGIT_CONCEPTS = {
+    "slant": (lambda x: shear_digits(x, 0.6), 7, "handwritten"),
+    "thick": (lambda x: dilate_digits(x, 1), 7, "thin"),
+}
+
+
+def digit_concept_images(name: str, n_train: int = 4, heldout_per_class: int = 8) -> dict[str, torch.Tensor]:
+    """A digits concept as tensors: ``train`` ``[n_train, 1, 8, 8]`` and ``heldout`` ``[10 * k, 1, 8, 8]`` + labels.
+
+    ``train``: the first ``n_train`` train-split scans of the concept's digit, styled; ``heldout``: the first
+    ``heldout_per_class`` held-out-split scans of every digit, styled (``heldout_labels`` their digits).
+    """
+    from .digits import NUM_CLASSES, load_digits_split
+
+    if name not in DIGIT_CONCEPTS:
+        raise ValueError(f"Unknown digits concept {name!r}; choose one of {sorted(DIGIT_CONCEPTS)}.")
+    if not 3 <= n_train <= 8 or heldout_per_class < 1:
+        raise ValueError(f"n_train must be in 3..8 and heldout_per_class >= 1, got {n_train}, {heldout_per_class}.")
+    style, digit, _ = DIGIT_CONCEPTS[name]
+    train, held = load_digits_split("train"), load_digits_split("heldout")
+    train_idx = torch.nonzero(train.labels == digit).flatten()[:n_train]
+    held_idx = torch.cat([torch.nonzero(held.labels == c).flatten()[:heldout_per_class] for c in range(NUM_CLASSES)])
+    return {"train": style(train.images[train_idx]), "heldout": style(held.images[held_idx]),
+            "heldout_labels": held.labels[held_idx], "heldout_plain": held.images[held_idx]}
+
+
+def write_digit_concept(name: str, root: str | Path, n_train: int = 4, heldout_per_class: int = 8) -> dict[str, Path]:
+    """Write :func:`digit_concept_images` as 8x8 grayscale PNGs: ``root/name/train`` and ``root/name/heldout``.
+
+    Held-out files are named ``d{digit}_{k}.png``. Returns the two folders.
+
+    Example:
+        >>> folders = write_digit_concept("slant", "runs/concepts")
+        >>> folders["train"]  # --concept_images of EchoDistill
+    """
+    from PIL import Image
+
+    from .digits import to_uint8
+
+    images = digit_concept_images(name, n_train, heldout_per_class)
+    out = {"train": Path(root) / name / "train", "heldout": Path(root) / name / "heldout"}
+    for folder in out.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for k, array in enumerate(to_uint8(images["train"])):
+        Image.fromarray(array[:, :, 0], mode="L").save(out["train"] / f"{k}.png")
+    counts: dict[int, int] = {}
+    for array, label in zip(to_uint8(images["heldout"]), images["heldout_labels"].tolist()):
+        k = counts[label] = counts.get(label, -1) + 1
+        Image.fromarray(array[:, :, 0], mode="L").save(out["heldout"] / f"d{label}_{k}.png")
+    return out
+
+
+__all__ = ["DIGIT_CONCEPTS", "ConceptAugment", "dilate_digits", "digit_concept_images", "load_concept_images",
+           "shear_digits", "write_digit_concept"]

@@ -53,6 +53,9 @@ from .base import DistillationTrainer, OptimizerSettings, ParamGroup, TrainerCon
 #: The reference code's CFG weight for the teacher's refinement target.
 REFERENCE_GUIDANCE_SCALE = 7.5
 
+#: Training schedules: EchoDistill and the two baselines of the benchmark (see ``EchoDistillConfig.schedule``).
+SCHEDULES = ("joint", "sequential", "student_token")
+
 
 @dataclass
 class EchoDistillConfig(TrainerConfig):
@@ -118,6 +121,14 @@ class EchoDistillConfig(TrainerConfig):
         default=0.0, metadata={"help": "Echo stage (a reconstruction): weight of the teacher's denoising loss on the "
                                        "student's samples (0: off, as the public code)."})
     echo_start_step: int = field(default=0, metadata={"help": "Iteration from which the echo stage runs."})
+    schedule: str = field(
+        default="joint",
+        metadata={"help": "'joint': EchoDistill (each iteration: teacher, student, heads). The baselines of the "
+                          "benchmark: 'sequential' = personalize the teacher, then distill, at EchoDistill's compute "
+                          "for half the iterations -- the teacher step alone for the first max_train_steps // 2 "
+                          "iterations, then the student and head steps alone from the frozen personalized teacher; "
+                          "'student_token' = textual inversion on the student alone -- only the token row trains, "
+                          "through the student's own denoising loss on the concept images (no teacher, no heads)."})
     # the base fields with this method's defaults
     data: str = field(default="unconditional", metadata={"help": "Unused: EchoDistill reads --concept_images."})
     max_train_steps: int = field(default=1000, metadata={"help": "Training iterations."})
@@ -159,6 +170,11 @@ class EchoDistillConfig(TrainerConfig):
             raise ValueError(f"shrink_probability must be in [0, 1], got {self.shrink_probability}.")
         if not -1.0 <= self.augment_fill <= 1.0:
             raise ValueError(f"augment_fill must be in [-1, 1], got {self.augment_fill}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}.")
+        if self.schedule != "joint" and self.echo_loss_weight > 0:
+            raise ValueError("The echo stage needs the joint schedule: drop --echo_loss_weight or use --schedule "
+                             "joint.")
         if self.teacher_guidance_scale is not None and self.teacher_guidance_scale < 0:
             raise ValueError(f"teacher_guidance_scale must be >= 0, got {self.teacher_guidance_scale}.")
 
@@ -382,8 +398,10 @@ class EchoDistillTrainer(DistillationTrainer):
             x_e, t_e, target_e, cond_e = self.echo_batch(eps)
             x_t, ts = torch.cat([x_t, x_e]), torch.cat([t, t_e])
             target, cond = torch.cat([target, target_e]), _cat_conditioning(cond, cond_e)
+        # textual inversion on the student: the same loss through the (frozen) student network
+        network = self.unwrap("student") if cfg.schedule == "student_token" else self.trainables["teacher"].module
         with self.accelerator.autocast():
-            pred = self.trainables["teacher"].module(x_t, ts, cond).model_output.float()
+            pred = network(x_t, ts, cond).model_output.float()
         err = (pred - target.float()) ** 2
         m = mask.expand_as(err[:b])
         loss_t = (err[:b] * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
@@ -469,15 +487,46 @@ class EchoDistillTrainer(DistillationTrainer):
         micro_steps = range(cfg.gradient_accumulation_steps)
         noise = [torch.randn(cfg.train_batch_size, *self.sample_shape, generator=self.rng).to(device)
                  for _ in micro_steps]
-        # 1. teacher: K/V and the token row, through its denoising loss only
-        for micro in micro_steps:
+        run_teacher, run_student = self.stages(step)
+        if run_teacher:  # 1. teacher: K/V and the token row, through its denoising loss only
+            self.teacher_update(step, noise, add)
+        if run_student:  # 2.-3. student and heads
+            self.student_and_heads_update(noise, add)
+        return {k: torch.stack(v).mean() for k, v in metrics.items()}
+
+    def stages(self, step: int) -> tuple[bool, bool]:
+        """``(teacher step, student + head steps)`` of iteration ``step`` under ``config.schedule``.
+
+        Freezes what a baseline no longer trains: the student and heads for ``student_token`` (and the teacher's
+        K/V, so only the token row moves), the personalized teacher from the second half of ``sequential``.
+        """
+        cfg = self.config
+        if cfg.schedule == "joint":
+            return True, True
+        if cfg.schedule == "student_token":
+            for name in ("student", "discriminator"):
+                if not self.trainables[name].frozen:
+                    self.freeze_trainable(name)
+            self.teacher.kv.requires_grad_(False)
+            return True, False
+        second_half = step >= cfg.max_train_steps // 2
+        if second_half and not self.trainables["teacher"].frozen:
+            self.freeze_trainable("teacher")
+        return not second_half, second_half
+
+    def teacher_update(self, step: int, noise: list[torch.Tensor], add) -> None:
+        """The teacher step (K/V and token row; the token row alone for ``student_token``)."""
+        for micro in range(len(noise)):
             with self.sync_context("teacher", micro):
                 loss, parts = self.teacher_loss(noise[micro], step)
                 self.backward(loss, "teacher")
             add(parts)
         add({"grad_norm/teacher": self.optimizer_step_norm("teacher")})
         self.new_token.write_to_table()
-        # 2. student: alignment + adversarial, heads frozen so only the student's K/V get gradients
+
+    def student_and_heads_update(self, noise: list[torch.Tensor], add) -> None:
+        """The student step (alignment + adversarial, heads frozen), then the heads' step on its images."""
+        micro_steps = range(len(noise))
         fakes = []
         self.discriminator.requires_grad_(False)
         try:
@@ -499,7 +548,6 @@ class EchoDistillTrainer(DistillationTrainer):
             add(parts)
         add({"grad_norm/discriminator": self.optimizer_step_norm("discriminator")})
         self.zero_grad()
-        return {k: torch.stack(v).mean() for k, v in metrics.items()}
 
     # ----------------------------------------------------------------------------------------------
     # outputs
@@ -641,4 +689,4 @@ def _load_scheduler(folder: str):
     return cls.from_config(config)
 
 
-__all__ = ["EchoDistillConfig", "EchoDistillTrainer", "PersonalizedTeacher"]
+__all__ = ["SCHEDULES", "EchoDistillConfig", "EchoDistillTrainer", "PersonalizedTeacher"]
