@@ -382,3 +382,48 @@ def test_concept_augment_masks_the_valid_region():
     assert not torch.equal(y[~shrunk], x[~shrunk])  # zoomed in (and maybe flipped)
     same, _ = ConceptAugment(hflip=False, shrink_probability=0.0)(x, torch.Generator().manual_seed(1))
     assert torch.equal(same, x)
+
+
+def test_digit_concepts_are_deterministic_styled_and_round_trip(tmp_path):
+    """Slant leans the strokes right at the top, thick adds ink; written PNGs load back as the same images."""
+    from stepdistill.data.concepts import digit_concept_images, load_concept_images, write_digit_concept
+
+    slant, thick = digit_concept_images("slant"), digit_concept_images("thick")
+    again = digit_concept_images("slant")
+    assert all(torch.equal(slant[k], again[k]) for k in slant)
+    assert slant["train"].shape == (4, 1, 8, 8) and slant["heldout"].shape == (80, 1, 8, 8)
+    assert torch.equal(slant["heldout_labels"], thick["heldout_labels"])
+    plain = slant["heldout_plain"]
+    ink = lambda x: (x + 1) / 2  # noqa: E731
+    cols = torch.arange(8.0)
+
+    def lean(x):  # column centre of mass of the top half minus that of the bottom half
+        top, bottom = ink(x)[..., :4, :], ink(x)[..., 4:, :]
+        com = lambda part: (part.sum(-2) * cols).sum(-1) / part.sum((-2, -1)).clamp_min(1e-6)  # noqa: E731
+        return (com(top) - com(bottom)).mean()
+    assert lean(slant["heldout"]) > lean(plain) + 0.5
+    assert ink(thick["heldout"]).mean() > ink(plain).mean() * 1.2
+    assert thick["heldout"].min() >= -1 and thick["heldout"].max() <= 1
+    folders = write_digit_concept("thick", tmp_path)
+    loaded = load_concept_images(folders["train"], (1, 8, 8))
+    assert torch.allclose(loaded, thick["train"], atol=1 / 127.5)
+    assert len(list(folders["heldout"].glob("d7_*.png"))) == 8
+
+
+def test_paired_mean_replicates_and_pixel_features():
+    from stepdistill.evaluation import PixelFeatures
+    from stepdistill.evaluation.uncertainty import ResamplePlan, compare_paired, mean_replicates
+
+    plan = ResamplePlan.make(n=50, dim=1, num_bootstrap=200, seed=0)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=50)
+    a = mean_replicates({"concept_fidelity": base + 0.1, "prompt_fidelity": (base > 0).astype(float)}, plan)
+    b = mean_replicates({"concept_fidelity": base, "prompt_fidelity": (base > 0).astype(float)}, plan)
+    diff = compare_paired(a, b)
+    assert diff["concept_fidelity"].verdict == "better" and diff["prompt_fidelity"].verdict == "not resolved"
+    assert compare_paired(b, a)["concept_fidelity"].verdict == "worse"
+    with pytest.raises(ValueError, match="values for a plan of 50"):
+        mean_replicates({"concept_fidelity": base[:10]}, plan)
+    center = torch.full((1, 8, 8), -0.5)
+    feats = PixelFeatures(center)(torch.zeros(3, 1, 8, 8))
+    assert feats.shape == (3, 64) and torch.allclose(feats, torch.full((3, 64), 0.5))
