@@ -3,16 +3,18 @@
     OMP_NUM_THREADS=1 python eval/bench_echodistill.py --teacher T --student S --student_timestep 399 \
         --concepts slant,thick --steps 150 --out_dir eval/results
 
-Concepts (:data:`stepdistill.data.concepts.DIGIT_CONCEPTS`, never seen by the teacher): 4 train-split sevens in a
-style (``slant``: sheared; ``thick``: one-pixel-wider strokes), each bound to a new token ``<slant>`` / ``<thick>``
-initialised from a related word. Training prompts name the seven ("a handwritten seven <slant>"); the students
-are asked for every digit ("the digit 3 <slant>"), so the benchmark measures whether the concept transfers.
+Concepts (:data:`stepdistill.data.concepts.DIGIT_CONCEPTS`, never seen by the teacher): one train-split scan of each
+of the digits 2, 3, 5, 7 in a style (``slant``: sheared; ``thick``: one-pixel-wider strokes), each bound to a new
+token ``<slant>`` / ``<thick>`` initialised from a related word ("handwritten" / "thin"). Each image's prompts name
+its digit ("a handwritten three <slant>", ``captions.json``); the students are asked for every digit ("the digit 8
+<slant>"), so the benchmark also measures whether the concept transfers to digits it was not shown with.
 
 Methods (one :class:`~stepdistill.trainers.EchoDistillTrainer` per concept and method; ``N = --steps``):
 
 * ``init token``: the student with the token at its initializer word's embedding (no training; a reference);
 * ``TI on student``: textual inversion on the student alone (``schedule=student_token``, ``2N`` iterations): only
-  the token row trains, through the student network's own denoising loss on the concept images;
+  the token row trains, through the student network's own denoising loss on the concept images (``, 10x lr``: the
+  same with a ten times larger token learning rate, as textual inversion usually runs hotter);
 * ``teacher -> distill``: personalize the teacher (token + K/V, ``N`` teacher steps), then fine-tune the
   student's K/V from the frozen personalized teacher with EchoDistill's alignment + adversarial losses (``N``
   student steps) -- ``schedule=sequential``, ``2N`` iterations, the same network passes as ``N`` joint ones;
@@ -52,7 +54,8 @@ from stepdistill.data.digits_text import NUMBER_WORDS
 from stepdistill.evaluation import PixelFeatures, concept_similarities, prompt_matches
 from stepdistill.evaluation.uncertainty import ResamplePlan, compare_paired, mean_replicates
 
-METHODS = ("init token", "TI on student", "teacher -> distill", "EchoDistill", "EchoDistill + echo")
+METHODS = ("init token", "TI on student", "TI on student, 10x lr", "teacher -> distill", "EchoDistill",
+           "EchoDistill + echo")
 METRICS = ("concept_fidelity", "concept_margin", "prompt_fidelity")
 #: Prompt templates: ``{word}`` / ``{digit}`` name the digit, ``{}`` is the placeholder token.
 TEMPLATES = ("a handwritten {word} {{}}", "the digit {digit} {{}}")
@@ -74,11 +77,13 @@ def eval_prompts(token: str, per_digit: int) -> tuple[list[str], list[int]]:
     return prompts, digits
 
 
-def method_settings(method: str, steps: int) -> dict | None:
+def method_settings(method: str, steps: int, token_lr: float) -> dict | None:
     """The trainer settings of a method (``None``: no training)."""
     return {
         "init token": None,
         "TI on student": dict(schedule="student_token", max_train_steps=2 * steps),
+        "TI on student, 10x lr": dict(schedule="student_token", max_train_steps=2 * steps,
+                                      token_learning_rate=10 * token_lr),
         "teacher -> distill": dict(schedule="sequential", max_train_steps=2 * steps),
         "EchoDistill": dict(schedule="joint", max_train_steps=steps),
         "EchoDistill + echo": dict(schedule="joint", max_train_steps=steps, echo_loss_weight=1.0,
@@ -90,14 +95,16 @@ def make_trainer(args: argparse.Namespace, concept: str, folders: dict[str, Path
     """An :class:`EchoDistillTrainer` for one concept with the benchmark's shared settings plus ``settings``."""
     from stepdistill.trainers import EchoDistillConfig, EchoDistillTrainer
 
-    _, digit, word = DIGIT_CONCEPTS[concept]
+    _, digits, word = DIGIT_CONCEPTS[concept]
     cfg = EchoDistillConfig(
         teacher=args.teacher, student=args.student, student_timestep=args.student_timestep,
         concept_images=str(folders["train"]), placeholder_token=f"<{concept}>", initializer_token=word,
-        concept_prompts="|".join(templates_for([digit])), student_prompts="|".join(templates_for(list(range(10)))),
+        concept_prompts="|".join(templates_for(list(digits))),  # captions.json gives each image its digit's
+        student_prompts="|".join(templates_for(list(range(10)))),
         augment_fill=-1.0, ms_swd_scales=2, ms_swd_patch_size=3, ms_swd_projections=32, head_hidden=64,
-        train_batch_size=args.batch_size, token_learning_rate=args.token_lr, teacher_learning_rate=args.kv_lr,
-        student_learning_rate=args.kv_lr, head_learning_rate=args.head_lr, output_dir=str(run_dir), export=False,
+        train_batch_size=args.batch_size, teacher_learning_rate=args.kv_lr,
+        student_learning_rate=args.student_lr or args.kv_lr, head_learning_rate=args.head_lr,
+        adversarial_loss_weight=args.adversarial_weight, output_dir=str(run_dir), export=False,
         checkpointing_steps=0, log_every=10, eval_num_samples=0, sample_grid_size=8, seed=args.seed, num_threads=1,
         **settings,
     )
@@ -114,8 +121,9 @@ def run_method(args: argparse.Namespace, concept: str, method: str, folders: dic
         info = json.loads((run_dir / "train.json").read_text())
         if info["per_digit"] == args.per_digit:
             return {"samples": load_file(cached)["samples"], **info}
-    settings = method_settings(method, args.steps)
-    trainer = make_trainer(args, concept, folders, run_dir, settings or dict(max_train_steps=1))
+    settings = method_settings(method, args.steps, args.token_lr)
+    trainer = make_trainer(args, concept, folders, run_dir,
+                           {"token_learning_rate": args.token_lr, **(settings or dict(max_train_steps=1))})
     t0 = time.perf_counter()
     if settings is not None:
         trainer.train()
@@ -179,9 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of the methods.")
     p.add_argument("--steps", type=int, default=150, help="N: EchoDistill iterations (baselines: 2N, see above).")
     p.add_argument("--batch_size", type=int, default=8, help="Micro-batch of every method.")
-    p.add_argument("--token_lr", type=float, default=5e-3, help="Learning rate of the token row (every method).")
+    p.add_argument("--token_lr", type=float, default=1e-4, help="Learning rate of the token row (every method).")
     p.add_argument("--kv_lr", type=float, default=1e-4, help="Learning rate of the teacher's and student's K/V.")
-    p.add_argument("--head_lr", type=float, default=1e-3, help="Learning rate of the discriminator heads.")
+    p.add_argument("--head_lr", type=float, default=1e-4, help="Learning rate of the discriminator heads.")
+    p.add_argument("--student_lr", type=float, default=None, help="Student K/V learning rate (default: kv_lr).")
+    p.add_argument("--adversarial_weight", type=float, default=1.0, help="Weight of each head's adversarial loss.")
     p.add_argument("--per_digit", type=int, default=20, help="Evaluation prompts per digit (x10 per method).")
     p.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples.")
     p.add_argument("--seed", type=int, default=0, help="Training seed (every method).")
@@ -207,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = ResamplePlan.make(n=n, dim=1, num_bootstrap=args.bootstrap, seed=0)
     results, rows_for_grid, lines = {}, {}, []
     for concept in concepts:
-        folders = write_digit_concept(concept, Path(args.runs) / "concepts")
+        folders = write_digit_concept(concept, Path(args.runs) / "concepts",
+                                      captions=lambda d: "|".join(templates_for([d])))
         images = digit_concept_images(concept)
         _, digits = eval_prompts(f"<{concept}>", args.per_digit)
         reps, results[concept], rows_for_grid[concept] = {}, {}, {}
@@ -215,11 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
             out = run_method(args, concept, method, folders)
             values = per_sample_metrics(out["samples"], digits, images, classifier, extractor)
             reps[method] = mean_replicates(values, plan)
-            seven = torch.as_tensor(digits) == DIGIT_CONCEPTS[concept][1]
+            unseen = ~torch.isin(torch.as_tensor(digits), torch.as_tensor(DIGIT_CONCEPTS[concept][1]))
             results[concept][method] = {
                 "train_seconds": out["train_seconds"], "iterations": out["iterations"],
                 "metrics": reps[method].summary(),
-                "concept_fidelity_on_seven": float(values["concept_fidelity"][seven.numpy()].mean()),
+                "concept_margin_unseen_digits": float(values["concept_margin"][unseen.numpy()].mean()),
             }
             rows_for_grid[concept][method] = out["samples"]
             print(f"{concept} / {method}: " + ", ".join(f"{k} {fmt(v)}" for k, v in reps[method].summary().items()),
@@ -231,13 +242,14 @@ def main(argv: list[str] | None = None) -> dict:
                 comparisons[f"{a} vs {b}"] = {k: vars(v) for k, v in compare_paired(reps[a], reps[b]).items()}
         results[concept]["comparisons"] = comparisons
         lines += [f"### Concept `<{concept}>`", "",
-                  "| method | iterations | train s | concept fidelity | concept margin | prompt fidelity |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | iterations | train s | concept fidelity | concept margin | margin, unseen digits | "
+                  "prompt fidelity |", "|---|---|---|---|---|---|---|"]
         for method in methods:
             r = results[concept][method]
             m = r["metrics"]
             lines.append(f"| {method} | {r['iterations']} | {r['train_seconds']:.0f} | {fmt(m['concept_fidelity'])} | "
-                         f"{fmt(m['concept_margin'])} | {fmt(m['prompt_fidelity'])} |")
+                         f"{fmt(m['concept_margin'])} | {r['concept_margin_unseen_digits']:.3f} | "
+                         f"{fmt(m['prompt_fidelity'])} |")
         lines += ["", "| paired difference (a - b) | concept fidelity | concept margin | prompt fidelity |",
                   "|---|---|---|---|"]
         for name, diff in comparisons.items():

@@ -386,12 +386,18 @@ def test_concept_augment_masks_the_valid_region():
 
 def test_digit_concepts_are_deterministic_styled_and_round_trip(tmp_path):
     """Slant leans the strokes right at the top, thick adds ink; written PNGs load back as the same images."""
-    from stepdistill.data.concepts import digit_concept_images, load_concept_images, write_digit_concept
+    from stepdistill.data.concepts import (
+        digit_concept_images,
+        load_concept_captions,
+        load_concept_images,
+        write_digit_concept,
+    )
 
     slant, thick = digit_concept_images("slant"), digit_concept_images("thick")
     again = digit_concept_images("slant")
     assert all(torch.equal(slant[k], again[k]) for k in slant)
     assert slant["train"].shape == (4, 1, 8, 8) and slant["heldout"].shape == (80, 1, 8, 8)
+    assert slant["train_labels"].tolist() == [2, 3, 5, 7]
     assert torch.equal(slant["heldout_labels"], thick["heldout_labels"])
     plain = slant["heldout_plain"]
     ink = lambda x: (x + 1) / 2  # noqa: E731
@@ -404,9 +410,13 @@ def test_digit_concepts_are_deterministic_styled_and_round_trip(tmp_path):
     assert lean(slant["heldout"]) > lean(plain) + 0.5
     assert ink(thick["heldout"]).mean() > ink(plain).mean() * 1.2
     assert thick["heldout"].min() >= -1 and thick["heldout"].max() <= 1
-    folders = write_digit_concept("thick", tmp_path)
+    folders = write_digit_concept("thick", tmp_path, captions=lambda d: f"the digit {d} {{}}|a {d} {{}}")
     loaded = load_concept_images(folders["train"], (1, 8, 8))
     assert torch.allclose(loaded, thick["train"], atol=1 / 127.5)
+    assert load_concept_captions(folders["train"]) == [[f"the digit {d} {{}}", f"a {d} {{}}"] for d in (2, 3, 5, 7)]
+    (folders["train"] / "captions.json").write_text('{"0.png": "the digit 2"}')
+    with pytest.raises(ValueError, match="no templates with"):
+        load_concept_captions(folders["train"])
     assert len(list(folders["heldout"].glob("d7_*.png"))) == 8
 
 

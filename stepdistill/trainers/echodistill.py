@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.concepts import ConceptAugment, load_concept_images
+from ..data.concepts import ConceptAugment, load_concept_captions, load_concept_images
 from ..losses import CosineIdentityLoss, GANDiscriminatorLoss, GANGeneratorLoss, MultiScaleSWDLoss
 from ..losses._common import per_sample_mean
 from ..networks import CrossAttentionKV, DiscriminatorSet, NewTokenEmbedding, check_differentiable
@@ -71,7 +71,9 @@ class EchoDistillConfig(TrainerConfig):
         default="", metadata={"help": "One-step student pipeline folder (unet/ + scheduler/, e.g. a DMD2 student "
                                       "export); its UNet reads the teacher's text embeddings."})
     student_timestep: float = field(default=999.0, metadata={"help": "The student's one-step timestep."})
-    concept_images: str = field(default="", metadata={"help": "Folder with the 3-5 .png/.jpg images of the concept."})
+    concept_images: str = field(
+        default="", metadata={"help": "Folder with the 3-5 .png/.jpg images of the concept (optional captions.json: "
+                                      "each image's own '|'-separated templates, replacing concept_prompts)."})
     heldout_concept_images: str | None = field(
         default=None, metadata={"help": "Held-out concept images for the concept-fidelity evaluation (default: the "
                                         "training ones)."})
@@ -273,6 +275,7 @@ class EchoDistillTrainer(DistillationTrainer):
         self.vae = self._load_vae(Path(root), device, dtype)
         self.pixel_shape = self._pixel_shape()
         self.concept = load_concept_images(cfg.concept_images, self.pixel_shape)
+        self.concept_captions = load_concept_captions(cfg.concept_images)
         self.heldout = None
         if cfg.heldout_concept_images:
             self.heldout = load_concept_images(cfg.heldout_concept_images, self.pixel_shape, "heldout_concept_images")
@@ -376,10 +379,17 @@ class EchoDistillTrainer(DistillationTrainer):
         idx = torch.randint(0, len(templates), (n,), generator=self.rng).tolist()
         return [templates[i].replace("{}", self.config.placeholder_token) for i in idx]
 
-    def concept_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` augmented concept images and their valid-region masks (drawn from ``self.rng``)."""
+    def concept_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``n`` augmented concept images, their valid-region masks and prompts (drawn from ``self.rng``).
+
+        The prompts come from the folder's ``captions.json`` (each image its own templates) when it has one, else
+        from ``concept_prompts``.
+        """
         idx = torch.randint(0, self.concept.shape[0], (n,), generator=self.rng)
-        return self.augment(self.concept[idx], self.rng)
+        pixels, mask = self.augment(self.concept[idx], self.rng)
+        if self.concept_captions is None:
+            return pixels, mask, self.prompts(self.config.concept_templates, n)
+        return pixels, mask, [self.prompts(self.concept_captions[i], 1)[0] for i in idx.tolist()]
 
     # ----------------------------------------------------------------------------------------------
     # 1. teacher
@@ -387,10 +397,10 @@ class EchoDistillTrainer(DistillationTrainer):
         """Masked denoising loss on the concept images (+ the echo term); reaches the K/V and the token row."""
         cfg, device, schedule = self.config, self.accelerator.device, self.schedule
         b = eps.shape[0]
-        pixels, mask = self.concept_batch(b)
+        pixels, mask, prompts = self.concept_batch(b)
         z0 = self.encode_images(pixels)
         mask = F.interpolate(mask, size=z0.shape[-2:], mode="area").to(device)
-        cond = self.encoder.encode(self.prompts(cfg.concept_templates, b), grad=True)
+        cond = self.encoder.encode(prompts, grad=True)
         t = schedule.sample_timesteps(b, 0.0, 1.0, self.rng)
         x_t, target, ts = schedule.add_noise(z0, eps, t), schedule.target(z0, eps, t), t
         echo = cfg.echo_loss_weight > 0 and step >= cfg.echo_start_step
@@ -466,7 +476,7 @@ class EchoDistillTrainer(DistillationTrainer):
     def discriminator_loss(self, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each head: ``0.5 [softplus(-D(real)) + softplus(D(fake))]``, real = augmented concept images; summed."""
         b = fake.shape[0]
-        real, _ = self.concept_batch(b)
+        real, _, _ = self.concept_batch(b)
         logits = self.trainables["discriminator"].module(torch.cat([real.to(fake.device, fake.dtype), fake]))
         real_logits, fake_logits = logits[:, :b], logits[:, b:]
         per_head = torch.stack([0.5 * self.gan_discriminator_loss(f, r).mean()
