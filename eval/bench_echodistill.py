@@ -13,8 +13,8 @@ Methods (one :class:`~stepdistill.trainers.EchoDistillTrainer` per concept and m
 
 * ``init token``: the student with the token at its initializer word's embedding (no training; a reference);
 * ``TI on student``: textual inversion on the student alone (``schedule=student_token``, ``2N`` iterations): only
-  the token row trains, through the student network's own denoising loss on the concept images (``, 10x lr``: the
-  same with a ten times larger token learning rate, as textual inversion usually runs hotter);
+  the token row trains, through the student network's own denoising loss on the concept images; ``TI on student
+  10x lr``: the same with a ten times larger token learning rate, as textual inversion usually runs hotter;
 * ``teacher -> distill``: personalize the teacher (token + K/V, ``N`` teacher steps), then fine-tune the
   student's K/V from the frozen personalized teacher with EchoDistill's alignment + adversarial losses (``N``
   student steps) -- ``schedule=sequential``, ``2N`` iterations, the same network passes as ``N`` joint ones;
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ from stepdistill.data.digits_text import NUMBER_WORDS
 from stepdistill.evaluation import PixelFeatures, concept_similarities, prompt_matches
 from stepdistill.evaluation.uncertainty import ResamplePlan, compare_paired, mean_replicates
 
-METHODS = ("init token", "TI on student", "TI on student, 10x lr", "teacher -> distill", "EchoDistill",
+METHODS = ("init token", "TI on student", "TI on student 10x lr", "teacher -> distill", "EchoDistill",
            "EchoDistill + echo")
 METRICS = ("concept_fidelity", "concept_margin", "prompt_fidelity")
 #: Prompt templates: ``{word}`` / ``{digit}`` name the digit, ``{}`` is the placeholder token.
@@ -82,7 +83,7 @@ def method_settings(method: str, steps: int, token_lr: float) -> dict | None:
     return {
         "init token": None,
         "TI on student": dict(schedule="student_token", max_train_steps=2 * steps),
-        "TI on student, 10x lr": dict(schedule="student_token", max_train_steps=2 * steps,
+        "TI on student 10x lr": dict(schedule="student_token", max_train_steps=2 * steps,
                                       token_learning_rate=10 * token_lr),
         "teacher -> distill": dict(schedule="sequential", max_train_steps=2 * steps),
         "EchoDistill": dict(schedule="joint", max_train_steps=steps),
@@ -167,7 +168,7 @@ def grid_image(concept_rows: dict[str, dict], per_digit: int):
     for concept, rows in concept_rows.items():
         train = digit_concept_images(concept)["train"]
         tiles = [[(x + 1) / 2 for x in train]]
-        labels = [f"<{concept}> images"]
+        labels = [f"<{concept}> images ({', '.join(str(d) for d in DIGIT_CONCEPTS[concept][1])})"]
         for method, samples in rows.items():
             tiles.append([(samples[d * per_digit] + 1) / 2 for d in range(NUM_CLASSES)])
             labels.append(method)
@@ -178,7 +179,7 @@ def grid_image(concept_rows: dict[str, dict], per_digit: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train / reuse every method on every concept, evaluate, write ``bench_echodistill.{md,json,png}``."""
+    """Train / reuse every method on every concept, evaluate, write ``<name>.{md,json,png}``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="Text digits teacher folder (stock StableDiffusionPipeline).")
     p.add_argument("--student", required=True, help="Its one-step student folder (e.g. the DMD2 export).")
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="Training seed (every method).")
     p.add_argument("--runs", default="runs/bench_echodistill", help="Run folders and sample caches.")
     p.add_argument("--reuse", action="store_true", help="Reuse cached samples of finished runs.")
-    p.add_argument("--out_dir", default="eval/results", help="Where bench_echodistill.{md,json,png} go.")
+    p.add_argument("--out_dir", default="eval/results", help="Where <name>.{md,json,png} go.")
+    p.add_argument("--name", default="bench_echodistill", help="Stem of the output files.")
     args = p.parse_args(argv)
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -257,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{diff[k]['verdict']}" for k in METRICS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    command = " ".join(["OMP_NUM_THREADS=1 python eval/bench_echodistill.py", *(argv if argv is not None
-                                                                               else sys.argv[1:])])
+    given = argv if argv is not None else sys.argv[1:]
+    command = "OMP_NUM_THREADS=1 python eval/bench_echodistill.py " + shlex.join(a for a in given if a != "--reuse")
     header = [f"`{command}`", "",
               f"{n} images per method and concept (10 digits x {args.per_digit} prompts, seed k for image k, one "
               f"network call each); 95 % intervals from {args.bootstrap} paired bootstrap resamples; N = "
@@ -267,9 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "args": vars(args), "results": results, "markdown": markdown}
-    (out_dir / "bench_echodistill.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    (out_dir / "bench_echodistill.md").write_text(markdown + "\n")
-    grid_image(rows_for_grid, args.per_digit).save(out_dir / "bench_echodistill.png")
+    (out_dir / f"{args.name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    (out_dir / f"{args.name}.md").write_text(markdown + "\n")
+    grid_image(rows_for_grid, args.per_digit).save(out_dir / f"{args.name}.png")
     print(markdown)
     return payload
 
