@@ -114,6 +114,44 @@ def test_one_step_trains_exactly_the_personalization_parameters(world, tmp_path,
         assert all("lora_" in n for n, p in trainer.unwrap("student").named_parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("schedule", ["sequential", "student_token"])
+def test_baseline_schedules_train_only_their_parts(world, tmp_path, schedule):
+    """'sequential': teacher + token in the first half, then student + heads from the frozen teacher;
+    'student_token': only the token row moves (through the student), every network weight stays bitwise."""
+    trainer = EchoDistillTrainer(_config(world, tmp_path / "run", schedule=schedule, max_train_steps=2),
+                                 extractors=_extractors())
+    before = {name: _snapshot(trainer.unwrap(name)) for name in ("student", "discriminator")}
+    teacher_kv0 = _snapshot(trainer.teacher.kv)
+    token0 = trainer.new_token.weight.detach().clone()
+    tokens = []
+    original = trainer.teacher_update
+
+    def spy(step, noise, add):  # the token after each teacher step
+        original(step, noise, add)
+        tokens.append((step, trainer.new_token.weight.detach().clone()))
+    trainer.teacher_update = spy
+    summary = trainer.train()
+    assert all(np.isfinite(v) for v in summary["final_metrics"].values())
+    assert not torch.equal(trainer.new_token.weight, token0)
+    changed = {name: any(not torch.equal(v, trainer.unwrap(name).state_dict()[k]) for k, v in state.items())
+               for name, state in before.items()}
+    teacher_changed = any(not torch.equal(v, trainer.teacher.kv.state_dict()[k]) for k, v in teacher_kv0.items())
+    if schedule == "sequential":
+        assert [s for s, _ in tokens] == [0], tokens  # the teacher trains in the first half only
+        assert torch.equal(trainer.new_token.weight, tokens[0][1])  # and stays frozen in the second
+        assert teacher_changed and changed == {"student": True, "discriminator": True}
+    else:
+        assert [s for s, _ in tokens] == [0, 1]
+        assert not teacher_changed and changed == {"student": False, "discriminator": False}
+
+
+def test_schedule_is_validated():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        EchoDistillConfig(initializer_token="dog", schedule="both")
+    with pytest.raises(ValueError, match="The echo stage needs the joint schedule"):
+        EchoDistillConfig(initializer_token="dog", schedule="sequential", echo_loss_weight=1.0)
+
+
 FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys
@@ -344,3 +382,58 @@ def test_concept_augment_masks_the_valid_region():
     assert not torch.equal(y[~shrunk], x[~shrunk])  # zoomed in (and maybe flipped)
     same, _ = ConceptAugment(hflip=False, shrink_probability=0.0)(x, torch.Generator().manual_seed(1))
     assert torch.equal(same, x)
+
+
+def test_digit_concepts_are_deterministic_styled_and_round_trip(tmp_path):
+    """Slant leans the strokes right at the top, thick adds ink; written PNGs load back as the same images."""
+    from stepdistill.data.concepts import (
+        digit_concept_images,
+        load_concept_captions,
+        load_concept_images,
+        write_digit_concept,
+    )
+
+    slant, thick = digit_concept_images("slant"), digit_concept_images("thick")
+    again = digit_concept_images("slant")
+    assert all(torch.equal(slant[k], again[k]) for k in slant)
+    assert slant["train"].shape == (4, 1, 8, 8) and slant["heldout"].shape == (80, 1, 8, 8)
+    assert slant["train_labels"].tolist() == [2, 3, 5, 7]
+    assert torch.equal(slant["heldout_labels"], thick["heldout_labels"])
+    plain = slant["heldout_plain"]
+    ink = lambda x: (x + 1) / 2  # noqa: E731
+    cols = torch.arange(8.0)
+
+    def lean(x):  # column centre of mass of the top half minus that of the bottom half
+        top, bottom = ink(x)[..., :4, :], ink(x)[..., 4:, :]
+        com = lambda part: (part.sum(-2) * cols).sum(-1) / part.sum((-2, -1)).clamp_min(1e-6)  # noqa: E731
+        return (com(top) - com(bottom)).mean()
+    assert lean(slant["heldout"]) > lean(plain) + 0.5
+    assert ink(thick["heldout"]).mean() > ink(plain).mean() * 1.2
+    assert thick["heldout"].min() >= -1 and thick["heldout"].max() <= 1
+    folders = write_digit_concept("thick", tmp_path, captions=lambda d: f"the digit {d} {{}}|a {d} {{}}")
+    loaded = load_concept_images(folders["train"], (1, 8, 8))
+    assert torch.allclose(loaded, thick["train"], atol=1 / 127.5)
+    assert load_concept_captions(folders["train"]) == [[f"the digit {d} {{}}", f"a {d} {{}}"] for d in (2, 3, 5, 7)]
+    (folders["train"] / "captions.json").write_text('{"0.png": "the digit 2"}')
+    with pytest.raises(ValueError, match="no templates with"):
+        load_concept_captions(folders["train"])
+    assert len(list(folders["heldout"].glob("d7_*.png"))) == 8
+
+
+def test_paired_mean_replicates_and_pixel_features():
+    from stepdistill.evaluation import PixelFeatures
+    from stepdistill.evaluation.uncertainty import ResamplePlan, compare_paired, mean_replicates
+
+    plan = ResamplePlan.make(n=50, dim=1, num_bootstrap=200, seed=0)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=50)
+    a = mean_replicates({"concept_fidelity": base + 0.1, "prompt_fidelity": (base > 0).astype(float)}, plan)
+    b = mean_replicates({"concept_fidelity": base, "prompt_fidelity": (base > 0).astype(float)}, plan)
+    diff = compare_paired(a, b)
+    assert diff["concept_fidelity"].verdict == "better" and diff["prompt_fidelity"].verdict == "not resolved"
+    assert compare_paired(b, a)["concept_fidelity"].verdict == "worse"
+    with pytest.raises(ValueError, match="values for a plan of 50"):
+        mean_replicates({"concept_fidelity": base[:10]}, plan)
+    center = torch.full((1, 8, 8), -0.5)
+    feats = PixelFeatures(center)(torch.zeros(3, 1, 8, 8))
+    assert feats.shape == (3, 64) and torch.allclose(feats, torch.full((3, 64), 0.5))

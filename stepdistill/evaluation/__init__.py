@@ -42,7 +42,13 @@ from .metrics import (
     precision_recall,
     vendi_score,
 )
-from .personalization import concept_fidelity, concept_similarities, prompt_fidelity, prompt_matches
+from .personalization import (
+    PixelFeatures,
+    concept_fidelity,
+    concept_similarities,
+    prompt_fidelity,
+    prompt_matches,
+)
 from .sources import (
     PipelineCallError,
     dataset_features,
@@ -77,6 +83,7 @@ __all__ = [
     "MetricReplicates",
     "MetricsResult",
     "PipelineCallError",
+    "PixelFeatures",
     "ReferenceStats",
     "ResamplePlan",
     "SampleFeatures",

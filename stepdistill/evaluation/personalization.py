@@ -16,6 +16,28 @@ import torch.nn.functional as F
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 
+class PixelFeatures(torch.nn.Module):
+    """Raw pixels minus a fixed mean image, flattened: a parameter-free extractor for concept fidelity.
+
+    No network trains on it, so a concept-fidelity number in this space is not one the training losses optimised
+    (the identity loss and discriminator heads read a classifier's features).
+
+    Args:
+        center: ``[C, H, W]`` mean image subtracted (e.g. the mean of real training images).
+
+    Example:
+        >>> extractor = PixelFeatures(load_digits_split("train").images.mean(0))
+    """
+
+    def __init__(self, center: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("center", center.float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, C * H * W]``."""
+        return (images.float() - self.center.to(images.device)).flatten(1)
+
+
 @torch.no_grad()
 def _features(extractor: Extractor, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     out = []
@@ -91,4 +113,4 @@ def prompt_fidelity(
     return float(prompt_matches(images, classes, classifier, batch_size).float().mean())
 
 
-__all__ = ["concept_fidelity", "concept_similarities", "prompt_fidelity", "prompt_matches"]
+__all__ = ["PixelFeatures", "concept_fidelity", "concept_similarities", "prompt_fidelity", "prompt_matches"]

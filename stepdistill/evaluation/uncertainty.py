@@ -35,7 +35,8 @@ import torch
 from .metrics import MetricUndefinedError, _as_features, kernel_inception_distance, knn_radii
 
 #: Metrics and whether lower is better.
-LOWER_IS_BETTER = {"fid": True, "fid_inf": True, "kid": True, "precision": False, "recall": False}
+LOWER_IS_BETTER = {"fid": True, "fid_inf": True, "kid": True, "precision": False, "recall": False,
+                   "concept_fidelity": False, "concept_margin": False, "prompt_fidelity": False}
 
 #: Above this many samples KID / precision-recall intervals are skipped (their replicates need n x n matrices).
 MAX_PAIRWISE_SAMPLES = 10_000
@@ -209,6 +210,26 @@ class MetricReplicates:
             ci = self.interval(metric, confidence)
             out[metric] = {"value": value, "low": None if ci is None else ci[0], "high": None if ci is None else ci[1]}
         return out
+
+
+def mean_replicates(values: dict[str, np.ndarray], plan: ResamplePlan) -> MetricReplicates:
+    """Means of per-sample values (e.g. a per-image similarity or a 0/1 match) and their bootstrap replicates.
+
+    Every array holds one value per sample in the plan's sample order, so two models sampled from the same seeds
+    and resampled with one ``plan`` pair (:func:`compare_paired`).
+
+    Example:
+        >>> a = mean_replicates({"prompt_fidelity": matches_a.astype(float)}, plan)
+        >>> compare_paired(a, mean_replicates({"prompt_fidelity": matches_b.astype(float)}, plan))
+    """
+    estimates, replicates = {}, {}
+    for metric, v in values.items():
+        v = np.asarray(v, np.float64).reshape(-1)
+        if v.shape[0] != plan.n:
+            raise ValueError(f"{metric}: {v.shape[0]} values for a plan of {plan.n} samples.")
+        estimates[metric] = float(v.mean())
+        replicates[metric] = v[plan.indices].mean(axis=1)
+    return MetricReplicates(estimates=estimates, replicates=replicates, n=plan.n, plan=plan.fingerprint())
 
 
 def centred_interval(estimate: float, replicates: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.concepts import ConceptAugment, load_concept_images
+from ..data.concepts import ConceptAugment, load_concept_captions, load_concept_images
 from ..losses import CosineIdentityLoss, GANDiscriminatorLoss, GANGeneratorLoss, MultiScaleSWDLoss
 from ..losses._common import per_sample_mean
 from ..networks import CrossAttentionKV, DiscriminatorSet, NewTokenEmbedding, check_differentiable
@@ -52,6 +52,9 @@ from .base import DistillationTrainer, OptimizerSettings, ParamGroup, TrainerCon
 
 #: The reference code's CFG weight for the teacher's refinement target.
 REFERENCE_GUIDANCE_SCALE = 7.5
+
+#: Training schedules: EchoDistill and the two baselines of the benchmark (see ``EchoDistillConfig.schedule``).
+SCHEDULES = ("joint", "sequential", "student_token")
 
 
 @dataclass
@@ -68,7 +71,9 @@ class EchoDistillConfig(TrainerConfig):
         default="", metadata={"help": "One-step student pipeline folder (unet/ + scheduler/, e.g. a DMD2 student "
                                       "export); its UNet reads the teacher's text embeddings."})
     student_timestep: float = field(default=999.0, metadata={"help": "The student's one-step timestep."})
-    concept_images: str = field(default="", metadata={"help": "Folder with the 3-5 .png/.jpg images of the concept."})
+    concept_images: str = field(
+        default="", metadata={"help": "Folder with the 3-5 .png/.jpg images of the concept (optional captions.json: "
+                                      "each image's own '|'-separated templates, replacing concept_prompts)."})
     heldout_concept_images: str | None = field(
         default=None, metadata={"help": "Held-out concept images for the concept-fidelity evaluation (default: the "
                                         "training ones)."})
@@ -118,6 +123,14 @@ class EchoDistillConfig(TrainerConfig):
         default=0.0, metadata={"help": "Echo stage (a reconstruction): weight of the teacher's denoising loss on the "
                                        "student's samples (0: off, as the public code)."})
     echo_start_step: int = field(default=0, metadata={"help": "Iteration from which the echo stage runs."})
+    schedule: str = field(
+        default="joint",
+        metadata={"help": "'joint': EchoDistill (each iteration: teacher, student, heads). The baselines of the "
+                          "benchmark: 'sequential' = personalize the teacher, then distill, at EchoDistill's compute "
+                          "for half the iterations -- the teacher step alone for the first max_train_steps // 2 "
+                          "iterations, then the student and head steps alone from the frozen personalized teacher; "
+                          "'student_token' = textual inversion on the student alone -- only the token row trains, "
+                          "through the student's own denoising loss on the concept images (no teacher, no heads)."})
     # the base fields with this method's defaults
     data: str = field(default="unconditional", metadata={"help": "Unused: EchoDistill reads --concept_images."})
     max_train_steps: int = field(default=1000, metadata={"help": "Training iterations."})
@@ -159,6 +172,11 @@ class EchoDistillConfig(TrainerConfig):
             raise ValueError(f"shrink_probability must be in [0, 1], got {self.shrink_probability}.")
         if not -1.0 <= self.augment_fill <= 1.0:
             raise ValueError(f"augment_fill must be in [-1, 1], got {self.augment_fill}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}.")
+        if self.schedule != "joint" and self.echo_loss_weight > 0:
+            raise ValueError("The echo stage needs the joint schedule: drop --echo_loss_weight or use --schedule "
+                             "joint.")
         if self.teacher_guidance_scale is not None and self.teacher_guidance_scale < 0:
             raise ValueError(f"teacher_guidance_scale must be >= 0, got {self.teacher_guidance_scale}.")
 
@@ -257,6 +275,7 @@ class EchoDistillTrainer(DistillationTrainer):
         self.vae = self._load_vae(Path(root), device, dtype)
         self.pixel_shape = self._pixel_shape()
         self.concept = load_concept_images(cfg.concept_images, self.pixel_shape)
+        self.concept_captions = load_concept_captions(cfg.concept_images)
         self.heldout = None
         if cfg.heldout_concept_images:
             self.heldout = load_concept_images(cfg.heldout_concept_images, self.pixel_shape, "heldout_concept_images")
@@ -360,10 +379,17 @@ class EchoDistillTrainer(DistillationTrainer):
         idx = torch.randint(0, len(templates), (n,), generator=self.rng).tolist()
         return [templates[i].replace("{}", self.config.placeholder_token) for i in idx]
 
-    def concept_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` augmented concept images and their valid-region masks (drawn from ``self.rng``)."""
+    def concept_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``n`` augmented concept images, their valid-region masks and prompts (drawn from ``self.rng``).
+
+        The prompts come from the folder's ``captions.json`` (each image its own templates) when it has one, else
+        from ``concept_prompts``.
+        """
         idx = torch.randint(0, self.concept.shape[0], (n,), generator=self.rng)
-        return self.augment(self.concept[idx], self.rng)
+        pixels, mask = self.augment(self.concept[idx], self.rng)
+        if self.concept_captions is None:
+            return pixels, mask, self.prompts(self.config.concept_templates, n)
+        return pixels, mask, [self.prompts(self.concept_captions[i], 1)[0] for i in idx.tolist()]
 
     # ----------------------------------------------------------------------------------------------
     # 1. teacher
@@ -371,10 +397,10 @@ class EchoDistillTrainer(DistillationTrainer):
         """Masked denoising loss on the concept images (+ the echo term); reaches the K/V and the token row."""
         cfg, device, schedule = self.config, self.accelerator.device, self.schedule
         b = eps.shape[0]
-        pixels, mask = self.concept_batch(b)
+        pixels, mask, prompts = self.concept_batch(b)
         z0 = self.encode_images(pixels)
         mask = F.interpolate(mask, size=z0.shape[-2:], mode="area").to(device)
-        cond = self.encoder.encode(self.prompts(cfg.concept_templates, b), grad=True)
+        cond = self.encoder.encode(prompts, grad=True)
         t = schedule.sample_timesteps(b, 0.0, 1.0, self.rng)
         x_t, target, ts = schedule.add_noise(z0, eps, t), schedule.target(z0, eps, t), t
         echo = cfg.echo_loss_weight > 0 and step >= cfg.echo_start_step
@@ -382,8 +408,10 @@ class EchoDistillTrainer(DistillationTrainer):
             x_e, t_e, target_e, cond_e = self.echo_batch(eps)
             x_t, ts = torch.cat([x_t, x_e]), torch.cat([t, t_e])
             target, cond = torch.cat([target, target_e]), _cat_conditioning(cond, cond_e)
+        # textual inversion on the student: the same loss through the (frozen) student network
+        network = self.unwrap("student") if cfg.schedule == "student_token" else self.trainables["teacher"].module
         with self.accelerator.autocast():
-            pred = self.trainables["teacher"].module(x_t, ts, cond).model_output.float()
+            pred = network(x_t, ts, cond).model_output.float()
         err = (pred - target.float()) ** 2
         m = mask.expand_as(err[:b])
         loss_t = (err[:b] * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
@@ -448,7 +476,7 @@ class EchoDistillTrainer(DistillationTrainer):
     def discriminator_loss(self, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each head: ``0.5 [softplus(-D(real)) + softplus(D(fake))]``, real = augmented concept images; summed."""
         b = fake.shape[0]
-        real, _ = self.concept_batch(b)
+        real, _, _ = self.concept_batch(b)
         logits = self.trainables["discriminator"].module(torch.cat([real.to(fake.device, fake.dtype), fake]))
         real_logits, fake_logits = logits[:, :b], logits[:, b:]
         per_head = torch.stack([0.5 * self.gan_discriminator_loss(f, r).mean()
@@ -469,15 +497,46 @@ class EchoDistillTrainer(DistillationTrainer):
         micro_steps = range(cfg.gradient_accumulation_steps)
         noise = [torch.randn(cfg.train_batch_size, *self.sample_shape, generator=self.rng).to(device)
                  for _ in micro_steps]
-        # 1. teacher: K/V and the token row, through its denoising loss only
-        for micro in micro_steps:
+        run_teacher, run_student = self.stages(step)
+        if run_teacher:  # 1. teacher: K/V and the token row, through its denoising loss only
+            self.teacher_update(step, noise, add)
+        if run_student:  # 2.-3. student and heads
+            self.student_and_heads_update(noise, add)
+        return {k: torch.stack(v).mean() for k, v in metrics.items()}
+
+    def stages(self, step: int) -> tuple[bool, bool]:
+        """``(teacher step, student + head steps)`` of iteration ``step`` under ``config.schedule``.
+
+        Freezes what a baseline no longer trains: the student and heads for ``student_token`` (and the teacher's
+        K/V, so only the token row moves), the personalized teacher from the second half of ``sequential``.
+        """
+        cfg = self.config
+        if cfg.schedule == "joint":
+            return True, True
+        if cfg.schedule == "student_token":
+            for name in ("student", "discriminator"):
+                if not self.trainables[name].frozen:
+                    self.freeze_trainable(name)
+            self.teacher.kv.requires_grad_(False)
+            return True, False
+        second_half = step >= cfg.max_train_steps // 2
+        if second_half and not self.trainables["teacher"].frozen:
+            self.freeze_trainable("teacher")
+        return not second_half, second_half
+
+    def teacher_update(self, step: int, noise: list[torch.Tensor], add) -> None:
+        """The teacher step (K/V and token row; the token row alone for ``student_token``)."""
+        for micro in range(len(noise)):
             with self.sync_context("teacher", micro):
                 loss, parts = self.teacher_loss(noise[micro], step)
                 self.backward(loss, "teacher")
             add(parts)
         add({"grad_norm/teacher": self.optimizer_step_norm("teacher")})
         self.new_token.write_to_table()
-        # 2. student: alignment + adversarial, heads frozen so only the student's K/V get gradients
+
+    def student_and_heads_update(self, noise: list[torch.Tensor], add) -> None:
+        """The student step (alignment + adversarial, heads frozen), then the heads' step on its images."""
+        micro_steps = range(len(noise))
         fakes = []
         self.discriminator.requires_grad_(False)
         try:
@@ -499,7 +558,6 @@ class EchoDistillTrainer(DistillationTrainer):
             add(parts)
         add({"grad_norm/discriminator": self.optimizer_step_norm("discriminator")})
         self.zero_grad()
-        return {k: torch.stack(v).mean() for k, v in metrics.items()}
 
     # ----------------------------------------------------------------------------------------------
     # outputs
@@ -641,4 +699,4 @@ def _load_scheduler(folder: str):
     return cls.from_config(config)
 
 
-__all__ = ["EchoDistillConfig", "EchoDistillTrainer", "PersonalizedTeacher"]
+__all__ = ["SCHEDULES", "EchoDistillConfig", "EchoDistillTrainer", "PersonalizedTeacher"]
