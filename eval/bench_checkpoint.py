@@ -23,13 +23,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _byte_alphabet() -> list[str]:
-    """GPT-2 style printable stand-ins for the 256 byte values (what a byte-level BPE vocabulary starts from)."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
-
-
 def build_sd_pipeline(folder: Path, width: int = 64) -> Path:
     """Write an SD1.5-shaped pipeline with random weights (no hub) to ``folder``."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -37,7 +30,9 @@ def build_sd_pipeline(folder: Path, width: int = 64) -> Path:
 
     tok_dir = folder.parent / "tokenizer_src"
     tok_dir.mkdir(parents=True, exist_ok=True)
-    chars = _byte_alphabet()
+    from stepdistill.data.digits_text import clip_byte_alphabet
+
+    chars = clip_byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))

@@ -343,12 +343,13 @@ def test_pixel_space_teacher_without_vae(world, tmp_path):
 
 def test_new_token_on_a_sparse_vocabulary_never_shrinks_the_table(tmp_path):
     """Vocabulary ids with gaps (len(tokenizer) < rows): the table keeps its rows, only the new row is replaced."""
-    from tiny_models import _bytes_alphabet, clip_text_encoder
+    from tiny_models import clip_text_encoder
     from transformers import CLIPTokenizer
 
+    from stepdistill.data.digits_text import clip_byte_alphabet
     from stepdistill.networks import NewTokenEmbedding
 
-    chars = _bytes_alphabet()
+    chars = clip_byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}  # ids 0..511
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
     del vocab[chars[40] + "</w>"]  # a gap at id 296: len(tokenizer) = 513 < 514 rows

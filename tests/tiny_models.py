@@ -143,17 +143,6 @@ def text_cond(batch: int, sdxl: bool = False, pooled: bool = False, seed: int = 
 TOKENIZER_MAX_LEN = 16
 
 
-def _bytes_alphabet() -> list[str]:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    codes, n = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            codes.append(256 + n)
-            n += 1
-    return [chr(c) for c in codes]
-
-
 def write_clip_tokenizer(folder):
     """Write a CLIP BPE tokenizer (byte-level alphabet, no merges, CLIP's two special tokens) to ``folder``."""
     import json
@@ -161,7 +150,9 @@ def write_clip_tokenizer(folder):
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_alphabet()
+    from stepdistill.data.digits_text import clip_byte_alphabet
+
+    chars = clip_byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)

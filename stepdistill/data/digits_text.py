@@ -127,7 +127,7 @@ def digit_of_caption(caption: str, words: Iterable[str]) -> int:
     return found[0]
 
 
-def _byte_alphabet() -> list[str]:
+def clip_byte_alphabet() -> list[str]:
     """CLIP's byte-to-unicode alphabet (256 printable characters standing for the 256 bytes)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     chars, extra = keep[:], 0
@@ -192,7 +192,7 @@ def write_digits_tokenizer(folder: str | Path, templates: Iterable[str] = TRAIN_
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_alphabet()
+    chars = clip_byte_alphabet()
     tokens = chars + [c + _END for c in chars]
     words = [w for w in vocabulary(check_templates(tuple(templates))) if len(w) > 1]
     merges = bpe_merges(words)
@@ -229,6 +229,7 @@ __all__ = [
     "caption_words",
     "captions_like_reference",
     "check_templates",
+    "clip_byte_alphabet",
     "digit_of_caption",
     "make_caption",
     "random_captions",
